@@ -1,0 +1,1 @@
+"""The `snzoo` command: a thin layer over snzoo's public Python API."""

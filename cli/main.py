@@ -1,0 +1,50 @@
+"""The `snzoo` command group: global options and one-line error reporting."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import snzoo
+from snzoo import zoo
+from snzoo.errors import SnzooError
+
+
+class SnzooGroup(click.Group):
+    """Reports snzoo's errors as one line on stderr with exit code 1, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SnzooError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=SnzooGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(snzoo.__version__, prog_name="snzoo")
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="SNZOO_MANIFEST",
+    help="An overlay manifest that adds entries or replaces fields of existing ones (also SNZOO_MANIFEST).",
+)
+def cli(manifest: str | None) -> None:
+    """snzoo: the model zoo for Switchable Normalization."""
+    zoo.set_overlay(manifest)
+
+
+def _register_commands() -> None:
+    from snzoo_cli import zoo_commands
+
+    for command in zoo_commands.COMMANDS:
+        cli.add_command(command)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="snzoo")

@@ -1,0 +1,229 @@
+"""ResNet v1 and v2 (pre-activation) with a pluggable norm, with the module names of the original SN release.
+
+Every norm slot is named sn1, sn2, sn3 (and sn_out in v2) whatever the norm, so state_dict keys of SN models
+are exactly the original checkpoints' and the BN / GN baselines line up with them key for key.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from snzoo.models.norms import NormFactory
+from snzoo.models.registry import register_architecture
+
+LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlockV1(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: Optional[nn.Module], norm: NormFactory):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.sn1 = norm(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.sn2 = norm(planes, last=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.sn1(self.conv1(x)))
+        out = self.sn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class BottleneckV1(nn.Module):
+    """Bottleneck with the stride on the 3x3 conv (torchvision's "v1.5" placement, as the SN release)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: Optional[nn.Module], norm: NormFactory):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.sn1 = norm(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.sn2 = norm(planes)
+        self.conv3 = conv1x1(planes, planes * 4)
+        self.sn3 = norm(planes * 4, last=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.sn1(self.conv1(x)))
+        out = self.relu(self.sn2(self.conv2(out)))
+        out = self.sn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+class BasicBlockV2(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: Optional[nn.Module], norm: NormFactory):
+        super().__init__()
+        self.sn1 = norm(inplanes)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.sn2 = norm(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        preact = self.relu(self.sn1(x))
+        shortcut = x if self.downsample is None else self.downsample(preact)
+        out = self.conv1(preact)
+        out = self.conv2(self.relu(self.sn2(out)))
+        return out + shortcut
+
+
+class BottleneckV2(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: Optional[nn.Module], norm: NormFactory):
+        super().__init__()
+        self.sn1 = norm(inplanes)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.sn2 = norm(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.sn3 = norm(planes)
+        self.conv3 = conv1x1(planes, planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        preact = self.relu(self.sn1(x))
+        shortcut = x if self.downsample is None else self.downsample(preact)
+        out = self.conv1(preact)
+        out = self.conv2(self.relu(self.sn2(out)))
+        out = self.conv3(self.relu(self.sn3(out)))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    """ResNet v1 or v2 (pre-activation) with SN, SSN, BN or GN, keyed as the original SN checkpoints.
+
+    Stem conv 7x7/2, norm, ReLU, max-pool; four stages; (v2: sn_out + ReLU); adaptive average pooling (so any
+    input of at least 32x32 works), dropout, fc. momentum follows the SN convention (weight of the old value)
+    for every norm; last_gamma zero-initialises the last norm of each block (default: on for v1, off for v2).
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        norm: str = "sn",
+        version: int = 1,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.5,
+        using_bn: bool = True,
+        using_moving_average: bool = True,
+        momentum: Optional[float] = None,
+        eps: float = 1e-5,
+        last_gamma: Optional[bool] = None,
+        gn_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        if depth not in LAYERS:
+            raise ValueError(f"depth must be one of {sorted(LAYERS)}, got {depth}")
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {version}")
+        if last_gamma is None:
+            last_gamma = version == 1
+        factory = NormFactory(norm, using_bn, using_moving_average, momentum, eps, last_gamma, gn_groups)
+        basic = depth < 50
+        block = {(1, True): BasicBlockV1, (1, False): BottleneckV1, (2, True): BasicBlockV2, (2, False): BottleneckV2}[
+            (version, basic)
+        ]
+        self.depth, self.version, self.norm = depth, version, norm
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.sn1 = factory(64)
+        self.relu = nn.ReLU(inplace=True)
+        # The SSN release pools without padding and with ceil_mode; it changes nothing for 224 inputs' keys.
+        if norm == "ssn":
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        else:
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        widths = (64, 128, 256, 512)
+        for index, (width, blocks) in enumerate(zip(widths, LAYERS[depth])):
+            stride = 1 if index == 0 else 2
+            setattr(self, f"layer{index + 1}", self._make_layer(block, width, blocks, stride, factory))
+        self.num_features = 512 * block.expansion
+        if version == 2:
+            self.sn_out = factory(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.drop_rate = drop_rate
+        self.dropout = nn.Dropout(p=drop_rate)
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self._init_convs()
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int, norm: NormFactory) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            conv = conv1x1(self.inplanes, planes * block.expansion, stride)
+            # v2 shortcuts project the pre-activation with a bare conv; v1 adds a norm after it.
+            downsample = conv if self.version == 2 else nn.Sequential(conv, norm(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, norm)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, None, norm) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_convs(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The feature map before pooling, (N, num_features, H/32, W/32)."""
+        x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.version == 2:
+            x = self.relu(self.sn_out(x))
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, dropout and classify a feature map; pre_logits returns the pooled features."""
+        x = torch.flatten(self.avgpool(x), 1)
+        if pre_logits:
+            return x
+        return self.fc(self.dropout(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
+        self.num_classes = num_classes
+        device = next(self.parameters()).device
+        self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes else nn.Identity()
+
+
+def _register_all() -> None:
+    for depth in LAYERS:
+        for version in (1, 2):
+            for norm in ("sn", "bn", "gn"):
+                builder = functools.partial(ResNet, version=version)
+                register_architecture(f"resnet{depth}v{version}_{norm}", depth, version, norm, builder)
+    register_architecture("resnet50v1_ssn", 50, 1, "ssn", functools.partial(ResNet, version=1))
+
+
+_register_all()

@@ -1,0 +1,23 @@
+"""Switchable Normalization layers, checkpoint-compatible with the original release."""
+
+from snzoo.nn.batch_average import batch_average_layers, finalize_batch_average
+from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
+from snzoo.nn.sparsestmax import sparsemax, sparsestmax
+from snzoo.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm2d
+from snzoo.nn.utils import convert_sync_switchnorm, set_ghost_batch_size, set_sparsestmax_radius, switchnorm_layers
+
+__all__ = [
+    "SwitchNorm1d",
+    "SwitchNorm2d",
+    "SwitchNorm3d",
+    "SyncSwitchNorm2d",
+    "SparseSwitchNorm2d",
+    "sparsemax",
+    "sparsestmax",
+    "finalize_batch_average",
+    "batch_average_layers",
+    "set_ghost_batch_size",
+    "convert_sync_switchnorm",
+    "set_sparsestmax_radius",
+    "switchnorm_layers",
+]

@@ -1,0 +1,59 @@
+"""Sparse Switchable Normalization: SN whose importance weights come from sparsestmax."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from snzoo.nn.sparsestmax import is_one_hot, sparsestmax
+from snzoo.nn.switchnorm import _SwitchNorm
+
+
+class SparseSwitchNorm2d(_SwitchNorm):
+    """SN over (N, C, H, W) whose importance weights are sparsestmax(raw, radius) instead of softmax.
+
+    Buffers beside SN's: `radius` (set every iteration by the training schedule, 0 -> 1) and the flags
+    `mean_fixed` / `var_fixed`. Once a weight vector becomes one-hot in training, its flag is set, the raw
+    parameter is overwritten with the one-hot vector and from then on used as it is, without gradient.
+    """
+
+    input_dims = (4,)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.997,
+        using_moving_average: bool = True,
+        last_gamma: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=last_gamma)
+        self.register_buffer("mean_fixed", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("var_fixed", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("radius", torch.zeros(1))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "mean_fixed"):
+            self.mean_fixed.zero_()
+            self.var_fixed.zero_()
+
+    def set_radius(self, radius: float) -> None:
+        """Set the sparsestmax radius (0 gives sparsemax; weights become one-hot as it approaches 1)."""
+        self.radius.fill_(radius)
+
+    def _weights(self, raw: nn.Parameter, fixed: Tensor) -> Tensor:
+        if bool(fixed.item()):
+            return raw.detach()
+        w = sparsestmax(raw, float(self.radius.item()))
+        if self.training and is_one_hot(w):
+            with torch.no_grad():
+                raw.copy_(w)
+                fixed.fill_(1)
+        return w
+
+    def importance_weights(self) -> tuple[Tensor, Tensor]:
+        return self._weights(self.mean_weight, self.mean_fixed), self._weights(self.var_weight, self.var_fixed)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", radius={float(self.radius.item()):.4g}"

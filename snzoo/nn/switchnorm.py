@@ -1,0 +1,210 @@
+"""Switchable Normalization layers with the parameter names, shapes and init of the released checkpoints."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from snzoo.nn import functional as F_sn
+
+
+class _SwitchNorm(nn.Module):
+    """Shared state of the SwitchNorm layers.
+
+    Attributes set after construction:
+    - ghost_batch_size: BN statistics over groups of this many samples (emulates per-device statistics).
+    - process_group: synchronise the BN statistics over this torch.distributed group (SyncSwitchNorm2d).
+    """
+
+    input_dims: tuple[int, ...] = ()
+    param_dims: int = 4  # weight / bias shape (1, C, 1, 1)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.997,
+        using_moving_average: bool = True,
+        using_bn: bool = True,
+        last_gamma: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.using_moving_average = using_moving_average
+        self.using_bn = using_bn
+        self.last_gamma = last_gamma
+        self.ghost_batch_size: Optional[int] = None
+        self.process_group: Optional[object] = None
+        shape = (1, num_features) + (1,) * (self.param_dims - 2)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        num_terms = len(self.terms)  # 3 (IN, LN, BN), 2 without BN, 2 (LN, BN) for SwitchNorm1d
+        self.mean_weight = nn.Parameter(torch.ones(num_terms))
+        self.var_weight = nn.Parameter(torch.ones(num_terms))
+        if using_bn:
+            self.register_buffer("running_mean", torch.zeros(self.buffer_shape()))
+            self.register_buffer("running_var", torch.zeros(self.buffer_shape()))
+        self.reset_parameters()
+
+    def buffer_shape(self) -> tuple[int, ...]:
+        return (1, self.num_features, 1)
+
+    def reset_parameters(self) -> None:
+        """Initialise as the original: gamma 1 (0 with last_gamma), beta 0, raw importance weights 1."""
+        nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+        nn.init.zeros_(self.bias)
+        nn.init.ones_(self.mean_weight)
+        nn.init.ones_(self.var_weight)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Zero the running buffers (the variance too, as the original)."""
+        if self.using_bn:
+            self.running_mean.zero_()
+            self.running_var.zero_()
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return F_sn.TERMS_SN if self.using_bn else F_sn.TERMS_SN_NO_BN
+
+    def importance_weights(self) -> tuple[Tensor, Tensor]:
+        """The mixing weights of the mean and variance statistics, ordered as `terms`."""
+        return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+
+    def _sync_group(self) -> Optional[object]:
+        if self.process_group is None or not self.training:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.process_group is True else self.process_group
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self.input_dims:
+            dims = " or ".join(f"{d}-D" for d in self.input_dims)
+            raise ValueError(f"{type(self).__name__} expects a {dims} input, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels in input of shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        mean_probs, var_probs = self.importance_weights()
+        return F_sn.switch_norm(
+            x,
+            self.weight,
+            self.bias,
+            mean_probs,
+            var_probs,
+            self.running_mean.view(1, self.num_features, 1) if self.using_bn else None,
+            self.running_var.view(1, self.num_features, 1) if self.using_bn else None,
+            terms=self.terms,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            using_moving_average=self.using_moving_average,
+            ghost_batch_size=self.ghost_batch_size,
+            process_group=self._sync_group(),
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, last_gamma={self.last_gamma}"
+        )
+        if self.ghost_batch_size:
+            text += f", ghost_batch_size={self.ghost_batch_size}"
+        return text
+
+
+class SwitchNorm2d(_SwitchNorm):
+    """Switchable Normalization over (N, C, H, W): a learned mix of IN, LN and BN statistics.
+
+    momentum weighs the OLD running value (0.9 here equals PyTorch BatchNorm's momentum=0.1); the released
+    2018 checkpoints were trained with 0.997. With using_bn=False only IN and LN are mixed and there are no
+    running buffers. With using_moving_average=False the running buffers accumulate batch statistics and
+    `snzoo.nn.finalize_batch_average` turns them into averages.
+    """
+
+    input_dims = (4,)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        using_moving_average: bool = True,
+        using_bn: bool = True,
+        last_gamma: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn, last_gamma)
+
+
+class SwitchNorm3d(_SwitchNorm):
+    """Switchable Normalization over (N, C, D, H, W); statistics as SwitchNorm2d with L = D*H*W."""
+
+    input_dims = (5,)
+    param_dims = 5
+
+
+class SyncSwitchNorm2d(SwitchNorm2d):
+    """SwitchNorm2d whose BN statistics (mean and E[x^2]) are all-reduced over a torch.distributed group.
+
+    Falls back to local statistics when torch.distributed is not initialised or the group has one rank.
+    """
+
+    def __init__(self, num_features: int, *args, process_group: Optional[object] = None, **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = True if process_group is None else process_group
+
+
+class SwitchNorm1d(_SwitchNorm):
+    """Switchable Normalization of (N, C) or (N, C, L) input, mixing LN and BN (no IN term).
+
+    (N, C): LN uses the mean and unbiased variance over C of each sample, BN the same over N (the original).
+    (N, C, L): L is treated like H*W in SwitchNorm2d (statistics built from per-(sample, channel) statistics
+    over L), without the IN term. weight, bias and running buffers have shape (1, C).
+    """
+
+    input_dims = (2, 3)
+    param_dims = 2
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float = 0.997, using_moving_average: bool = True
+    ) -> None:
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=False)
+
+    def buffer_shape(self) -> tuple[int, ...]:
+        return (1, self.num_features)
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return F_sn.TERMS_SN1D
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return super().forward(x)
+        self._check_input(x)
+        if self._sync_group() is not None:
+            raise NotImplementedError("synchronised statistics are supported for (N, C, L) input, not (N, C)")
+        mean_probs, var_probs = self.importance_weights()
+        return F_sn.switch_norm_flat(
+            x,
+            self.weight,
+            self.bias,
+            mean_probs,
+            var_probs,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            using_moving_average=self.using_moving_average,
+            ghost_batch_size=self.ghost_batch_size,
+        )

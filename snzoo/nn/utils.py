@@ -1,0 +1,46 @@
+"""Model-wide switches for SN layers: ghost batches, synchronised statistics, the SSN radius."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
+from snzoo.nn.switchnorm import _SwitchNorm
+
+
+def switchnorm_layers(model: nn.Module) -> list[_SwitchNorm]:
+    """Every SN layer (SwitchNorm1d/2d/3d, SyncSwitchNorm2d, SparseSwitchNorm2d) of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, _SwitchNorm)]
+
+
+def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> int:
+    """Compute BN statistics over groups of `ghost_batch_size` samples in every SN layer; None turns it off.
+
+    A batch of N = d * k samples then behaves as d devices with k samples each and unsynchronised statistics.
+    Returns the number of layers changed.
+    """
+    if ghost_batch_size is not None and ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be a positive integer or None, got {ghost_batch_size}")
+    layers = switchnorm_layers(model)
+    for layer in layers:
+        layer.ghost_batch_size = ghost_batch_size
+    return len(layers)
+
+
+def convert_sync_switchnorm(model: nn.Module, process_group: Optional[object] = None) -> nn.Module:
+    """Synchronise the BN statistics of every SN layer over `process_group` (None: the default group)."""
+    for layer in switchnorm_layers(model):
+        if layer.ghost_batch_size is not None:
+            raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
+        layer.process_group = True if process_group is None else process_group
+    return model
+
+
+def set_sparsestmax_radius(model: nn.Module, radius: float) -> int:
+    """Set the sparsestmax radius of every SSN layer; returns the number of layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, SparseSwitchNorm2d)]
+    for layer in layers:
+        layer.set_radius(radius)
+    return len(layers)
