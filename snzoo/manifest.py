@@ -1,0 +1,378 @@
+"""The weights manifest: reading, schema and semantic validation, and merging a user overlay.
+
+The manifest (``weights_manifest.json``, shipped inside the package) lists every published checkpoint as an
+entry named ``ARCH.TAG``. An overlay file of the same format adds entries or replaces top-level fields of
+shipped ones (for example ``sources``, to point at a mirror). Every problem is reported as one line naming
+the file, the entry and the field.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import jsonschema
+
+from snzoo.entry import Entry
+from snzoo.errors import ManifestError, UnknownModelError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SCHEMA_VERSION = 1
+_MANIFEST_FILE = "weights_manifest.json"
+_SCHEMA_FILE = "manifest.schema.json"
+_ENTRY_FIELDS = ("architecture", "default", "norm", "num_classes", "sources", "metrics", "eval", "recipe",
+                 "provenance", "notes")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: entries in file order (shipped ones first, then those an overlay adds)."""
+
+    entries: dict[str, Entry]
+    path: Path
+    overlay: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def entries_for(self, architecture: str) -> list[Entry]:
+        """The entries of one architecture, in file order."""
+        return [e for e in self.entries.values() if e.architecture == architecture]
+
+    def default_entry(self, architecture: str) -> Entry | None:
+        """The default entry of an architecture, or None if it has no pretrained weights."""
+        return next((e for e in self.entries.values() if e.architecture == architecture and e.default), None)
+
+    def get_entry(self, name: str) -> Entry:
+        """An entry by ``ARCH.TAG``, or the default entry of a bare ``ARCH``."""
+        from snzoo.models.registry import unknown_name_message
+
+        if name in self.entries:
+            return self.entries[name]
+        if "." in name:
+            raise UnknownModelError(unknown_name_message("zoo entry", name, self.entries))
+        entry = self.default_entry(name)
+        if entry is not None:
+            return entry
+        archs = registered_architectures()
+        with_weights = sorted({e.architecture for e in self.entries.values()})
+        if name in archs:
+            raise UnknownModelError(
+                f"architecture {name!r} has no pretrained weights in the zoo; pretrained weights exist for: "
+                f"{', '.join(with_weights)}")
+        known = sorted(set(archs) | set(with_weights) | set(self.entries))
+        raise UnknownModelError(unknown_name_message("model", name, known))
+
+    def list_entries(self, pattern: str = "*") -> list[str]:
+        """Sorted entry names where the pattern matches the entry name or its architecture."""
+        pattern = pattern.lower()
+        return sorted(n for n, e in self.entries.items()
+                      if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(e.architecture, pattern))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None) -> Manifest:
+    """Read and validate a manifest (default: the shipped one), optionally merged with an overlay file.
+
+    An overlay adds entries, and for a name that already exists replaces the top-level fields it gives.
+    Any problem raises :class:`ManifestError` with one line naming the file, the entry and the field.
+    """
+    if path is None:
+        resource = resources.files("snzoo") / _MANIFEST_FILE
+        label = _MANIFEST_FILE
+        base_path = Path(str(resource))
+        data = _parse_json(_read_text(resource, label), label)
+    else:
+        base_path = Path(path)
+        label = str(path)
+        data = _parse_json(_read_text(base_path, label), label)
+
+    # Remember which file gave each entry and field, so an error names the file the user must edit.
+    origins: dict[str, dict[str | None, str]] = {}
+    _raise_first(_validator().iter_errors(data), data, origins, label)
+    for name in data["entries"]:
+        origins[name] = {None: label}
+
+    overlay_path = None
+    if overlay is not None:
+        overlay_path = Path(overlay)
+        ov_label = str(overlay)
+        ov = _parse_json(_read_text(overlay_path, ov_label), ov_label)
+        _raise_first(_overlay_validator().iter_errors(ov), ov, {}, ov_label)
+        for name, fields in ov["entries"].items():
+            if name in data["entries"]:
+                for key, value in fields.items():
+                    data["entries"][name][key] = value
+                    origins[name][key] = ov_label
+            else:
+                data["entries"][name] = fields
+                origins[name] = {None: ov_label}
+        _raise_first(_validator().iter_errors(data), data, origins, label)
+
+    _check_semantics(data["entries"], origins)
+    entries = {name: Entry.from_dict(name, raw) for name, raw in data["entries"].items()}
+    return Manifest(entries=entries, path=base_path, overlay=overlay_path)
+
+
+def _read_text(resource: Any, label: str) -> str:
+    try:
+        return resource.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{label}: no such manifest file") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ManifestError(f"{label}: cannot read the manifest ({exc.strerror or exc})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys silently: a copy-pasted entry would hide the one above it.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN passes every numeric bound in JSON Schema, so it must not get that far.
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _parse_json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise ManifestError(f"{label}: invalid manifest: the key {exc.args[0]!r} appears twice in one object") from None
+    except ValueError as exc:
+        raise ManifestError(f"{label}: invalid JSON: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+_validators: dict[str, jsonschema.Draft202012Validator] = {}
+
+
+def _schema() -> dict[str, Any]:
+    text = (resources.files("snzoo") / _SCHEMA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _validator() -> jsonschema.Draft202012Validator:
+    if "manifest" not in _validators:
+        _validators["manifest"] = jsonschema.Draft202012Validator(_schema())
+    return _validators["manifest"]
+
+
+def _overlay_validator() -> jsonschema.Draft202012Validator:
+    # An overlay's entries may be partial (only the fields they replace); the merged result gets the full schema.
+    if "overlay" not in _validators:
+        schema = _schema()
+        _validators["overlay"] = jsonschema.Draft202012Validator({
+            "type": "object",
+            "required": ["schema_version", "entries"],
+            "additionalProperties": False,
+            "properties": {
+                "schema_version": schema["properties"]["schema_version"],
+                "entries": {
+                    "type": "object",
+                    "propertyNames": schema["properties"]["entries"]["propertyNames"],
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {k: True for k in _ENTRY_FIELDS},
+                        "additionalProperties": False,
+                    },
+                },
+            },
+        })
+    return _validators["overlay"]
+
+
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+               "object": "an object", "array": "a list", "null": "null"}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        text = repr(value)
+    else:
+        text = json.dumps(value, separators=(", ", ": "), default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    if isinstance(error.schema, dict) and "x-expected" in error.schema:
+        return error.schema["x-expected"]
+    v, value = error.validator, error.validator_value
+    if v == "type":
+        types = [value] if isinstance(value, str) else list(value)
+        return " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+    if v == "enum":
+        return "one of " + ", ".join(_show(x) for x in value)
+    if v == "const":
+        return _show(value)
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    if v in bounds:
+        return f"a number {bounds[v]} {value}"
+    if v == "minItems":
+        return f"at least {value} item{'s' if value != 1 else ''}"
+    if v == "maxItems":
+        return f"at most {value} item{'s' if value != 1 else ''}"
+    if v == "minLength":
+        return "a non-empty string" if value == 1 else f"at least {value} characters"
+    if v == "pattern":
+        return f"a string matching {value}"
+    return error.message
+
+
+def _field_path(parts: list[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _where(path: list[Any], origins: Mapping[str, Mapping[str | None, str]], label: str) -> tuple[str, str]:
+    """The file to blame and the 'entry ..., field ...' words for a path into the manifest."""
+    if len(path) >= 2 and path[0] == "entries":
+        name, rest = path[1], path[2:]
+        files = origins.get(name, {})
+        blamed = files.get(rest[0] if rest else None, files.get(None, label))
+        where = f"entry {name!r}" + (f", field {_field_path(rest)!r}" if rest else "")
+        return blamed, where
+    if path:
+        return label, f"field {_field_path(path)!r}"
+    return label, "the top level"
+
+
+def _message(error: jsonschema.ValidationError, origins: Mapping[str, Mapping[str | None, str]], label: str) -> str:
+    path = list(error.absolute_path)
+    v = error.validator
+    if "propertyNames" in error.absolute_schema_path:
+        # A key (not a value) is wrong; error.instance is the key itself.
+        if path == ["entries"]:
+            return f"{label}: entry name {_show(error.instance)} is not valid (expected {_expected(error)})"
+        blamed, where = _where(path, origins, label)
+        return f"{blamed}: {where}: key {_show(error.instance)} is not valid (expected {_expected(error)})"
+    if v == "required" and isinstance(error.instance, dict):
+        missing = next((k for k in error.validator_value if k not in error.instance), error.validator_value[0])
+        blamed, where = _where(path + [missing], origins, label)
+        return f"{blamed}: {where} is missing"
+    if v == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(error.schema.get("properties", {}))
+        extra = next((k for k in error.instance if k not in known), "?")
+        blamed, where = _where(path + [extra], origins, label)
+        return f"{blamed}: {where} is not a known field (known: {', '.join(known)})"
+    blamed, where = _where(path, origins, label)
+    return f"{blamed}: {where}: {_show(error.instance)} is not valid (expected {_expected(error)})"
+
+
+def _raise_first(errors: Any, data: Any, origins: Mapping[str, Mapping[str | None, str]], label: str) -> None:
+    errors = list(errors)
+    if not errors:
+        return
+    order = {name: i for i, name in enumerate(data.get("entries", {}))} if isinstance(data, dict) \
+        and isinstance(data.get("entries"), dict) else {}
+
+    def key(error: jsonschema.ValidationError) -> tuple:
+        # File order of entries, then path order, so the reported error is the first a reader would meet.
+        parts: list[tuple] = []
+        for i, p in enumerate(error.absolute_path):
+            if i == 1 and parts == [(1, "entries")] and p in order:
+                parts.append((0, order[p]))
+            else:
+                parts.append((0, p) if isinstance(p, int) else (1, p))
+        return tuple(parts)
+
+    first = min(errors, key=key)
+    raise ManifestError(" ".join(_message(first, origins, label).splitlines()))
+
+
+# --------------------------------------------------------------------------------------------- semantics
+
+
+def registered_architectures() -> Mapping[str, Any]:
+    """The registered architectures; empty when the models package cannot be imported."""
+    try:
+        import snzoo.models  # noqa: F401  (importing it registers the architectures)
+        from snzoo.models import registry
+    except ImportError:
+        return {}
+    return registry.ARCHITECTURES
+
+
+def _norm_of(architecture: str, archs: Mapping[str, Any]) -> str | None:
+    spec = archs.get(architecture)
+    if spec is not None:
+        return spec.norm
+    suffix = architecture.rsplit("_", 1)[-1]
+    return suffix if suffix in ("sn", "ssn", "bn", "gn") else None
+
+
+def _bad_file_name(name: str) -> bool:
+    # The name is joined to the cache directory: it must not leave it or name a drive or stream.
+    return (any(c in name for c in "/\\:\0") or ".." in name or name.startswith("~")
+            or os.path.isabs(name) or name.strip() != name or name in (".", ""))
+
+
+def _check_semantics(entries: Mapping[str, Any], origins: Mapping[str, Mapping[str | None, str]]) -> None:
+    from snzoo.models.registry import unknown_name_message
+
+    archs = registered_architectures()
+
+    def fail(name: str, field_parts: list[Any], problem: str) -> None:
+        blamed, where = _where(["entries", name, *field_parts], origins, "")
+        raise ManifestError(f"{blamed}: {where}: {problem}")
+
+    defaults: dict[str, str] = {}
+    first_of: dict[str, str] = {}
+    for name, raw in entries.items():
+        arch = raw["architecture"]
+        prefix = name.split(".", 1)[0]
+        if arch != prefix:
+            fail(name, ["architecture"],
+                 f"{_show(arch)} is not valid (expected {prefix!r}, the part of the entry name before the dot)")
+        if archs and arch not in archs:
+            fail(name, ["architecture"], unknown_name_message("architecture", arch, archs))
+        norm = _norm_of(arch, archs)
+        if norm is not None and raw["norm"]["type"] != norm:
+            fail(name, ["norm", "type"],
+                 f"{_show(raw['norm']['type'])} is not valid (expected {norm!r}, the norm of {arch!r})")
+        for i, source in enumerate(raw["sources"]):
+            if _bad_file_name(source["file_name"]):
+                fail(name, ["sources", i, "file_name"],
+                     f"{_show(source['file_name'])} is not valid (expected a plain file name: no directories, "
+                     f"no '..', not absolute)")
+        ev = raw["eval"]
+        if ev["crop"] > ev["resize"]:
+            fail(name, ["eval", "crop"], f"{ev['crop']} is not valid (expected at most resize, {ev['resize']})")
+        first_of.setdefault(arch, name)
+        if raw["default"]:
+            if arch in defaults:
+                fail(name, ["default"],
+                     f"true is not valid ({defaults[arch]!r} is already the default of {arch!r}; "
+                     f"exactly one entry per architecture is the default)")
+            defaults[arch] = name
+    for arch, name in first_of.items():
+        if arch not in defaults:
+            fail(name, ["default"],
+                 f"architecture {arch!r} has no default entry (set \"default\": true on exactly one of its entries)")
