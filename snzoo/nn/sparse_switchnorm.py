@@ -15,6 +15,7 @@ class SparseSwitchNorm2d(_SwitchNorm):
     Buffers beside SN's: `radius` (set every iteration by the training schedule, 0 -> 1) and the flags
     `mean_fixed` / `var_fixed`. Once a weight vector becomes one-hot in training, its flag is set, the raw
     parameter is overwritten with the one-hot vector and from then on used as it is, without gradient.
+    Fixing happens only in training with gradients enabled (not in eval or no-grad statistics passes).
     """
 
     input_dims = (4,)
@@ -44,9 +45,11 @@ class SparseSwitchNorm2d(_SwitchNorm):
 
     def _weights(self, raw: nn.Parameter, fixed: Tensor) -> Tensor:
         if bool(fixed.item()):
-            return raw.detach()
+            # The one-hot of the stored vector: equal to it, and immune to weight decay applied to zero grads.
+            return torch.nn.functional.one_hot(raw.detach().argmax(), raw.numel()).to(raw.dtype)
         w = sparsestmax(raw, float(self.radius.item()))
-        if self.training and is_one_hot(w):
+        # Only a gradient step may fix a vector, not statistics passes (finalize_batch_average runs no_grad).
+        if self.training and torch.is_grad_enabled() and is_one_hot(w):
             with torch.no_grad():
                 raw.copy_(w)
                 fixed.fill_(1)

@@ -79,6 +79,8 @@ class _SwitchNorm(nn.Module):
     def _sync_group(self) -> Optional[object]:
         if self.process_group is None or not self.training:
             return None
+        if self.ghost_batch_size is not None:
+            raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
         if not (dist.is_available() and dist.is_initialized()):
             return None
         group = dist.group.WORLD if self.process_group is True else self.process_group

@@ -24,6 +24,8 @@ def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> i
     if ghost_batch_size is not None and ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive integer or None, got {ghost_batch_size}")
     layers = switchnorm_layers(model)
+    if ghost_batch_size is not None and any(layer.process_group is not None for layer in layers):
+        raise ValueError("synchronised statistics and ghost batches exclude each other; the model's SN layers are synchronised")
     for layer in layers:
         layer.ghost_batch_size = ghost_batch_size
     return len(layers)
