@@ -36,9 +36,9 @@ def cli(manifest: str | None) -> None:
 
 
 def _register_commands() -> None:
-    from snzoo_cli import zoo_commands
+    from snzoo_cli import weights_commands, zoo_commands
 
-    for command in zoo_commands.COMMANDS:
+    for command in zoo_commands.COMMANDS + weights_commands.COMMANDS:
         cli.add_command(command)
 
 

@@ -9,10 +9,7 @@ import click
 import snzoo
 from snzoo.describe import describe
 from snzoo.zoo import zoo_table_markdown
-
-
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+from snzoo_cli.output import echo_json
 
 
 @click.command("list")
@@ -27,7 +24,7 @@ def list_command(pattern: str, pretrained: bool, as_json: bool, markdown: bool) 
         return
     names = snzoo.list_models(pattern, pretrained=pretrained)
     if not pretrained:
-        _echo_json(names) if as_json else click.echo("\n".join(names))
+        echo_json(names) if as_json else click.echo("\n".join(names))
         return
     rows = []
     for name in names:
@@ -40,7 +37,7 @@ def list_command(pattern: str, pretrained: bool, as_json: bool, markdown: bool) 
             "top5": metrics.top5 if metrics else None,
         })
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     for row in rows:
         mark = "*" if row["default"] else " "
@@ -58,7 +55,7 @@ def info_command(name: str, as_json: bool) -> None:
     """Describe an architecture or zoo entry: parameters, sources, checksums, metrics, eval config, recipe."""
     info = describe(name)
     if as_json:
-        _echo_json(info)
+        echo_json(info)
         return
     click.echo(f"{info['name']}")
     click.echo(f"  architecture  {info['architecture']} (ResNet-{info['depth']} v{info['version']}, norm {info['norm']})")

@@ -27,7 +27,25 @@ def create_model(
     are used unless overridden (`num_classes`, `using_bn`, `momentum`, `drop_rate`, `in_chans`, ...).
     checkpoint_path: an original checkpoint, a bare state dict or safetensors, read without running pickled
     code. When num_classes differs from the weights', the classifier is re-initialised and the rest loaded.
+
+    Two name prefixes build a model from a Hugging Face model folder (config.json + model.safetensors, as
+    `snzoo.hf.export_hf` writes): `hf-hub:ORG/REPO[@REVISION]` fetches it from the Hub through the
+    huggingface_hub cache (cache only when SNZOO_OFFLINE / HF_HUB_OFFLINE is set), `local-dir:PATH` reads it
+    from disk. Their weights come with them, so checkpoint_path is refused for those names.
     """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        # Imported here: only these names need the Hub client and the folder logic.
+        from snzoo import hf
+        from snzoo.errors import CheckpointError
+
+        prefix, _, location = name.partition(":")
+        if checkpoint_path is not None:
+            raise CheckpointError(
+                f"checkpoint_path cannot be combined with {name!r}: a {prefix}: model brings its own weights "
+                f"({hf.WEIGHTS_NAME})"
+            )
+        build = hf.model_from_hf_hub if prefix == "hf-hub" else hf.model_from_folder
+        return build(location, pretrained=pretrained, num_classes=num_classes, **overrides)
     entry = None
     if "." in name or pretrained:
         entry = zoo.get_entry(name)

@@ -1,4 +1,7 @@
-"""Shared test set-up: every test starts from the shipped manifest and no user overlay."""
+"""Shared test set-up: the shipped manifest, no user overlay, an empty cache, and no network.
+
+Tests that need downloads start their own HTTP server on 127.0.0.1 and lift offline mode themselves.
+"""
 
 import pytest
 
@@ -6,8 +9,13 @@ from snzoo import zoo
 
 
 @pytest.fixture(autouse=True)
-def _no_manifest_overlay(monkeypatch):
+def _isolated_zoo(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("SNZOO_MANIFEST", raising=False)
+    monkeypatch.delenv("SNZOO_MIRROR", raising=False)
+    monkeypatch.delenv("SNZOO_REQUIRE_PINNED", raising=False)
+    monkeypatch.setenv("SNZOO_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SNZOO_CACHE", str(tmp_path_factory.mktemp("snzoo-cache")))
     zoo.set_overlay(None)
     yield
     zoo.set_overlay(None)

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import snzoo
+from snzoo.checkpoint import read_state_dict
 from snzoo.errors import WeightsNotAvailableError
+from snzoo.weights import UnpinnedWeightsWarning
 
 REPO = Path(__file__).resolve().parents[1]
 GITHUB = "snzoo-owner/snzoo:main"
@@ -44,17 +45,22 @@ def test_hub_load_builds_the_architecture_with_kwargs():
     assert model.fc.out_features == 3 and len(model.state_dict()) == 20 + 20 * 6 + 2  # 20 convs, 20 SN layers, fc
 
 
-def test_hub_pretrained_loads_cached_weights_of_the_tag(tmp_path, monkeypatch):
+def test_hub_pretrained_converts_a_file_placed_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SNZOO_CACHE", str(tmp_path))
     name = "resnet50v1_sn.in1k_8x1_step100"
     source = snzoo.create_model(name)
     with torch.no_grad():
         source.fc.bias.uniform_(-1, 1)
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / f"{name}-0123abcd.safetensors"))
-    model = torch.hub.load(str(REPO), "resnet50v1_sn", source="local", tag="in1k_8x1_step100", pretrained=True)
+    file_name = snzoo.get_entry(name).sources[0].file_name
+    torch.save({"epoch": 100, "state_dict": {"module." + k: v for k, v in source.state_dict().items()}},
+               tmp_path / file_name)
+    with pytest.warns(UnpinnedWeightsWarning, match="no checksum is published"):
+        model = torch.hub.load(str(REPO), "resnet50v1_sn", source="local", tag="in1k_8x1_step100", pretrained=True)
     assert not model.sn1.using_bn
     assert torch.equal(model.fc.bias, source.fc.bias)
     assert model.pretrained_cfg["name"] == name
+    (canonical,) = tmp_path.glob(f"{name}-*.safetensors")
+    assert read_state_dict(canonical).keys() == source.state_dict().keys()
 
 
 def test_hub_pretrained_without_weights_says_how_to_get_them(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""Pretrained weights: where they are cached and how an entry's state dict is obtained."""
+"""Pretrained weights: sources, download, verification, conversion and the cache."""
 
 from snzoo.weights.cache import cache_dir, cache_path
-from snzoo.weights.resolve import cached_weights_file, load_entry_state_dict
+from snzoo.weights.fetch import UnpinnedWeightsWarning, fetch_weights, find_cached
+from snzoo.weights.resolve import load_entry_state_dict
 
-__all__ = ["cache_dir", "cache_path", "cached_weights_file", "load_entry_state_dict"]
+__all__ = ["cache_dir", "cache_path", "fetch_weights", "find_cached", "load_entry_state_dict", "UnpinnedWeightsWarning"]

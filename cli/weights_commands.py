@@ -1,0 +1,120 @@
+"""`snzoo download | verify | convert | pin | cache`: thin wrappers over snzoo.weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from snzoo import zoo
+from snzoo.weights import cache_dir, fetch_weights
+from snzoo.weights.cache import cache_files, clean_cache
+from snzoo.weights.maintenance import convert_checkpoint, pin_file, verify_entry, verify_file
+from snzoo_cli.output import echo_json, human_size
+
+
+@click.command("download")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_entries", is_flag=True, help="Every entry of the zoo.")
+@click.option("--source", "source_url", help="Fetch from this URL, path, hf-hub:... or Google Drive link instead.")
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False), help="Use a file downloaded by hand.")
+@click.option("--require-pinned", is_flag=True, default=None, help="Refuse files without a published checksum (also SNZOO_REQUIRE_PINNED=1).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the cached files.")
+def download_command(names, all_entries, source_url, file, require_pinned, quiet, as_json) -> None:
+    """Fetch, verify and convert the weights of NAMES (ARCH.TAG or ARCH) into the cache."""
+    if all_entries:
+        names = zoo.list_models(pretrained=True)
+    if not names:
+        raise click.UsageError("name at least one entry, or use --all")
+    if (file or source_url) and len(names) > 1:
+        raise click.UsageError("--file and --source apply to one entry at a time")
+    rows = []
+    for name in names:
+        entry = zoo.get_entry(name)
+        path = fetch_weights(entry, file=file, source_url=source_url, require_pinned=require_pinned,
+                             progress=False if quiet else None)
+        rows.append({"name": entry.name, "path": str(path), "size": path.stat().st_size})
+        if not as_json:
+            click.echo(f"{entry.name}: {path} ({human_size(path.stat().st_size)})")
+    if as_json:
+        echo_json(rows)
+
+
+@click.command("verify")
+@click.argument("target")
+@click.option("--arch", help="With a FILE: check its keys and shapes against this architecture.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_command(target, arch, as_json) -> None:
+    """Re-check an entry's cached weights (full re-hash, keys, shapes) or a checkpoint FILE."""
+    report = verify_file(target, arch) if Path(target).exists() else verify_entry(target)
+    if as_json:
+        echo_json(report)
+        return
+    where = report.get("name") or report["path"]
+    click.echo(f"{where}: OK  sha256 {report['sha256']}  {human_size(report['size'])}")
+    if report.get("entries"):
+        click.echo(f"  matches the published file of {', '.join(report['entries'])}")
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--arch", required=True, help="The architecture the checkpoint belongs to, e.g. resnet50v1_sn.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def convert_command(src, dst, arch, as_json) -> None:
+    """Convert a checkpoint (original format, state dict or safetensors) into checked safetensors DST."""
+    report = convert_checkpoint(src, dst, arch)
+    echo_json(report) if as_json else click.echo(f"{dst}: {report['architecture']}, sha256 {report['sha256']}")
+
+
+@click.command("pin")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--write", "manifest", type=click.Path(dir_okay=False), help="Write the pins into this manifest (shipped or overlay).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def pin_command(name, file, manifest, as_json) -> None:
+    """Print the sha256, md5 and size of a verified FILE of entry NAME; --write puts them into a manifest."""
+    report = pin_file(name, file, manifest)
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f'"sha256": "{report["sha256"]}", "md5": "{report["md5"]}", "size": {report["size"]}')
+    if manifest:
+        click.echo(f"written into {manifest} (entry {report['name']}, source {report['source']})")
+
+
+@click.group("cache")
+def cache_group() -> None:
+    """Inspect or clean the weights cache (SNZOO_CACHE, else $TORCH_HOME/hub/checkpoints/snzoo)."""
+
+
+@cache_group.command("path")
+def cache_path_command() -> None:
+    """Print the cache directory."""
+    click.echo(str(cache_dir()))
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def cache_list_command(as_json) -> None:
+    """List cached files with their kind (canonical, record, partial, original) and size."""
+    rows = cache_files()
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['kind']:<10} {human_size(row['size']):>10}  {row['file']}")
+
+
+@cache_group.command("clean")
+@click.argument("names", nargs=-1)
+@click.option("--partial", is_flag=True, help="Only interrupted downloads.")
+def cache_clean_command(names, partial) -> None:
+    """Delete cached files: everything, the files of NAMES, or only partial downloads."""
+    entries = [zoo.get_entry(n).name for n in names] if names else None
+    removed = clean_cache(entries, partial_only=partial)
+    click.echo(f"removed {len(removed)} file(s) from {cache_dir()}")
+
+
+COMMANDS = [download_command, verify_command, convert_command, pin_command, cache_group]

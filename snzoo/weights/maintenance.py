@@ -1,0 +1,120 @@
+"""What `snzoo verify`, `convert` and `pin` do: re-check cached files, convert users' checkpoints, pin files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import snzoo
+from snzoo import zoo
+from snzoo.checkpoint import read_state_dict
+from snzoo.entry import Entry
+from snzoo.errors import ManifestError, WeightsNotAvailableError
+from snzoo.weights.cache import cache_dir
+from snzoo.weights.convert import read_record, verify_canonical, write_safetensors
+from snzoo.weights.download import hash_file
+from snzoo.weights.fetch import cached_canonical
+from snzoo.weights.verify import check_digests, check_structure, infer_model_kwargs, is_pinned
+
+
+def verify_entry(name: str) -> dict:
+    """Re-hash an entry's cached canonical file fully, check its record, pins, keys and shapes."""
+    entry = zoo.get_entry(name)
+    files = cached_canonical(entry, cache_dir())
+    if not files:
+        raise WeightsNotAvailableError(f"{entry.name} is not in the cache {cache_dir()}; fetch it with `snzoo download {entry.name}`")
+    path = files[0]
+    digests = verify_canonical(path, full=True)
+    record = read_record(path) or {}
+    check_structure(read_state_dict(path), entry.architecture, str(path), **entry.model_kwargs())
+    pins = [s for s in entry.sources if is_pinned(s)]
+    return {
+        "name": entry.name,
+        "path": str(path),
+        "sha256": digests.sha256,
+        "size": digests.size,
+        "source_sha256": record.get("source_sha256"),
+        "source_md5": record.get("source_md5"),
+        "pinned": bool(pins),
+        "ok": True,
+    }
+
+
+def _matching_entries(sha256: str, md5: str) -> list[str]:
+    return [
+        e.name for e in zoo.manifest().entries.values()
+        if any(s.sha256 == sha256 or (s.md5 and s.md5.lower() == md5) for s in e.sources)
+    ]
+
+
+def verify_file(path: os.PathLike | str, architecture: Optional[str] = None) -> dict:
+    """Hash a checkpoint file, load it safely, and check it against an architecture when one is given."""
+    path = Path(path)
+    digests = hash_file(path) if path.is_file() else None
+    state_dict = read_state_dict(path)  # raises for a missing, unreadable or unsafe file
+    report = {"path": str(path), "sha256": digests.sha256, "md5": digests.md5, "size": digests.size,
+              "tensors": len(state_dict), "entries": _matching_entries(digests.sha256, digests.md5), "ok": True}
+    if architecture:
+        kwargs = infer_model_kwargs(state_dict)
+        check_structure(state_dict, architecture, str(path), **kwargs)
+        report.update(architecture=architecture, **kwargs)
+    return report
+
+
+def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architecture: str, **overrides) -> dict:
+    """Convert a checkpoint (original format, state dict or safetensors) into checked canonical safetensors."""
+    src, dst = Path(src), Path(dst)
+    state_dict = read_state_dict(src)
+    kwargs = {**infer_model_kwargs(state_dict), **overrides}
+    check_structure(state_dict, architecture, str(src), **kwargs)
+    source = hash_file(src)
+    metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": snzoo.__version__,
+                "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
+    digests = write_safetensors(state_dict, dst, metadata)
+    return {"src": str(src), "dst": str(dst), "architecture": architecture, "sha256": digests.sha256,
+            "size": digests.size, "source_sha256": source.sha256, **kwargs}
+
+
+def pin_file(name: str, path: os.PathLike | str, manifest_path: Optional[os.PathLike | str] = None) -> dict:
+    """The sha256, md5 and size of a verified file of an entry; with manifest_path, write them into it.
+
+    The file must load safely, match the entry's architecture, and agree with any checksum already published
+    (e.g. the SSN md5s). The manifest file (the shipped one or an overlay) is rewritten atomically; an overlay
+    that lacks the entry gets one with the entry's sources, pinned.
+    """
+    entry = zoo.get_entry(name)
+    path = Path(path)
+    digests = hash_file(path)
+    source_index = next((i for i, s in enumerate(entry.sources) if s.file_name == path.name), 0)
+    source = entry.sources[source_index]
+    check_digests(digests, source, str(path))  # a file that contradicts a published checksum is not pinned
+    check_structure(read_state_dict(path), entry.architecture, str(path), **entry.model_kwargs())
+    pins = {"sha256": digests.sha256, "md5": digests.md5, "size": digests.size}
+    result = {"name": entry.name, "file": str(path), "source": source_index, **pins}
+    if manifest_path is not None:
+        _write_pins(Path(manifest_path), entry, source_index, pins)
+        result["manifest"] = str(manifest_path)
+    return result
+
+
+def _write_pins(manifest_path: Path, entry: Entry, index: int, pins: dict) -> None:
+    try:
+        data = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"schema_version": 1, "entries": {}}
+    except ValueError as exc:
+        raise ManifestError(f"{manifest_path}: not valid JSON ({exc}); fix it before pinning into it") from None
+    entries = data.setdefault("entries", {})
+    target = entries.setdefault(entry.name, {})
+    sources = target.get("sources") or [s.to_dict() for s in entry.sources]
+    sources[index] = {**sources[index], "sha256": pins["sha256"], "md5": pins["md5"], "size": pins["size"]}
+    target["sources"] = sources
+    tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        # Validated as an overlay on the shipped manifest: right for overlays and for a full manifest alike.
+        zoo.load_manifest(overlay=tmp)
+    except ManifestError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, manifest_path)

@@ -1,0 +1,124 @@
+"""Getting the bytes of one source into a partial file: http(s), local files, Google Drive, Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote, unquote, urlparse
+
+from snzoo.entry import Source
+from snzoo.weights.download import Digests, DownloadError, download_to_partial, hash_file
+
+HF_PREFIX = "hf-hub:"
+
+
+def source_kind(url: str) -> str:
+    """The manifest's kind for a URL or path given on the command line."""
+    if url.startswith(HF_PREFIX):
+        return "hf-hub"
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return "gdrive" if parsed.netloc == "drive.google.com" else "https"
+    return "file"
+
+
+def local_path(url: str) -> Path:
+    """The path of a file:// URL or a plain path."""
+    if url.startswith("file://"):
+        return Path(unquote(urlparse(url).path))
+    return Path(url).expanduser()
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: Optional[str]
+
+
+def parse_hf_url(url: str) -> HubFile:
+    """Split `hf-hub:ORG/REPO[@REVISION]/FILE`."""
+    parts = url[len(HF_PREFIX):].split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise DownloadError(f"{url!r} is not a Hugging Face Hub file; expected hf-hub:ORG/REPO[@REVISION]/FILE")
+    org, repo, filename = parts
+    repo, _, revision = repo.partition("@")
+    return HubFile(f"{org}/{repo}", filename, revision or None)
+
+
+def mirror_source(base: str, source: Source) -> Source:
+    """The same file (same checksums) fetched from a mirror base URL or directory."""
+    url = base.rstrip("/") + "/" + quote(source.file_name, safe="")
+    if source_kind(base) == "file":
+        url = str(local_path(base) / source.file_name)
+    return replace(source, url=url, kind=source_kind(url))
+
+
+def offline_mode() -> bool:
+    """SNZOO_OFFLINE or HF_HUB_OFFLINE set to a true value: use only the cache and local files."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("SNZOO_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def reachable_offline(source: Source) -> bool:
+    """Sources that need no network: local files (and Hub files already in the Hugging Face cache)."""
+    return source.kind in ("file", "hf-hub")
+
+
+def _copy_into(src: Path, partial: Path) -> Digests:
+    if not src.is_file():
+        raise DownloadError(f"{src}: no such file")
+    shutil.copyfile(src, partial)
+    return hash_file(partial)
+
+
+def download_timeout() -> float:
+    """Seconds to wait for a connection or for data before retrying (SNZOO_DOWNLOAD_TIMEOUT, default 30)."""
+    value = os.environ.get("SNZOO_DOWNLOAD_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else 30.0
+    except ValueError:
+        raise DownloadError(f"SNZOO_DOWNLOAD_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def fetch_to_partial(source: Source, partial: Path, *, progress: Optional[bool] = None, timeout: Optional[float] = None) -> Digests:
+    """Bring the source's bytes into `partial` and return their digests."""
+    timeout = download_timeout() if timeout is None else timeout
+    if source.kind == "https":
+        return download_to_partial(source.url, partial, expected_size=source.size, progress=progress, timeout=timeout)
+    if source.kind == "file":
+        return _copy_into(local_path(source.url), partial)
+    if source.kind == "gdrive":
+        return _fetch_gdrive(source, partial, progress)
+    if source.kind == "hf-hub":
+        return _copy_into(_hf_hub_file(source.url), partial)
+    raise DownloadError(f"unknown source kind {source.kind!r} for {source.url}")
+
+
+def _fetch_gdrive(source: Source, partial: Path, progress: Optional[bool]) -> Digests:
+    import gdown
+
+    # gdown follows Google Drive's confirmation page for large files; resume reuses the partial file.
+    quiet = not progress if progress is not None else True
+    try:
+        result = gdown.download(url=source.url, output=str(partial), quiet=quiet, resume=partial.exists(), fuzzy=True)
+    except Exception as exc:  # gdown raises its own and requests' errors
+        raise DownloadError(f"Google Drive download of {source.url} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    if result is None or not partial.is_file():
+        raise DownloadError(f"Google Drive download of {source.url} failed (the link may be dead or over its quota); use a mirror or --file")
+    return hash_file(partial)
+
+
+def _hf_hub_file(url: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hub = parse_hf_url(url)
+    try:
+        return Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, local_files_only=offline_mode()))
+    except LocalEntryNotFoundError:
+        raise DownloadError(f"{url}: not in the Hugging Face cache and the Hub is offline or unreachable") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise DownloadError(f"{url}: {str(exc).strip().splitlines()[0]}") from None

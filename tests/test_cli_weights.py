@@ -1,0 +1,131 @@
+"""`snzoo download | verify | convert | pin | cache` over a real local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import snzoo
+from snzoo.checkpoint import read_state_dict
+from snzoo.weights import cache_dir
+from snzoo_cli.main import cli
+from http_server import start_server
+from test_fetch import ENTRY, FILE, entry_json
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    torch.manual_seed(1)
+    model = snzoo.create_model("resnet18v1_sn", num_classes=10)
+    directory = tmp_path_factory.mktemp("served")
+    path = directory / FILE
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    with start_server(directory) as server:
+        yield model, path, server
+
+
+@pytest.fixture
+def overlay(served, tmp_path, monkeypatch):
+    monkeypatch.delenv("SNZOO_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    _, path, server = served
+    file = tmp_path / "overlay.json"
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    file.write_text(json.dumps({"schema_version": 1, "entries": {ENTRY: entry_json(server.url(FILE), sha256=sha256)}}))
+    return file
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_download_then_verify_and_cache_listing(served, overlay):
+    result = run("--manifest", overlay, "download", ENTRY, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    path = Path(row["path"])
+    assert path.parent == cache_dir() and path.name.startswith(ENTRY + "-")
+    report = json.loads(run("--manifest", overlay, "verify", ENTRY, "--json").output)
+    assert report["ok"] and report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert report["pinned"] is True
+    rows = json.loads(run("cache", "list", "--json").output)
+    assert {r["kind"] for r in rows} == {"canonical", "record"}
+    assert run("cache", "path").output.strip() == str(cache_dir())
+    assert "removed 2 file(s)" in run("--manifest", overlay, "cache", "clean", ENTRY).output
+    assert run("cache", "list", "--json").output.strip() == "[]"
+
+
+def test_verify_detects_a_damaged_cached_file(served, overlay):
+    assert run("--manifest", overlay, "download", ENTRY, "--quiet").exit_code == 0
+    (path,) = cache_dir().glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = run("--manifest", overlay, "verify", ENTRY)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "damaged" in result.output and result.output.count("\n") == 1
+
+
+def test_verify_a_file_with_and_without_architecture(served):
+    model, path, _ = served
+    report = json.loads(run("verify", path, "--json").output)
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and report["tensors"] == len(model.state_dict())
+    report = json.loads(run("verify", path, "--arch", "resnet18v1_sn", "--json").output)
+    assert report["num_classes"] == 10
+    wrong = run("verify", path, "--arch", "resnet34v1_sn")
+    assert wrong.exit_code == 1 and "does not match resnet34v1_sn" in wrong.output
+
+
+def test_convert_users_checkpoint_to_safetensors(served, tmp_path):
+    model, path, _ = served
+    dst = tmp_path / "mine.safetensors"
+    result = run("convert", path, dst, "--arch", "resnet18v1_sn", "--json")
+    assert result.exit_code == 0, result.output
+    state_dict = read_state_dict(dst)
+    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+    loaded = snzoo.create_model("resnet18v1_sn", checkpoint_path=dst, num_classes=10)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    bad = run("convert", path, tmp_path / "x.safetensors", "--arch", "resnet50v1_sn")
+    assert bad.exit_code == 1 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_pin_prints_and_writes_into_an_overlay(served, tmp_path):
+    _, path, server = served
+    unpinned = tmp_path / "unpinned.json"
+    unpinned.write_text(json.dumps({"schema_version": 1, "entries": {ENTRY: entry_json(server.url(FILE))}}))
+    result = run("--manifest", unpinned, "pin", ENTRY, path, "--json")
+    assert result.exit_code == 0, result.output
+    pins = json.loads(result.output)
+    assert pins["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert pins["md5"] == hashlib.md5(path.read_bytes()).hexdigest() and pins["size"] == path.stat().st_size
+    assert run("--manifest", unpinned, "pin", ENTRY, path, "--write", unpinned).exit_code == 0
+    source = json.loads(unpinned.read_text())["entries"][ENTRY]["sources"][0]
+    assert (source["sha256"], source["md5"], source["size"]) == (pins["sha256"], pins["md5"], pins["size"])
+    info = json.loads(run("--manifest", unpinned, "info", ENTRY, "--json").output)
+    assert info["entry"]["sources"][0]["sha256"] == pins["sha256"]
+
+
+def test_pin_refuses_a_file_that_contradicts_a_published_md5(served, tmp_path):
+    _, path, server = served
+    manifest = tmp_path / "md5.json"
+    manifest.write_text(json.dumps({"schema_version": 1, "entries": {ENTRY: entry_json(server.url(FILE), md5="0" * 32)}}))
+    result = run("--manifest", manifest, "pin", ENTRY, path, "--write", manifest)
+    assert result.exit_code == 1 and "md5" in result.output
+    assert json.loads(manifest.read_text())["entries"][ENTRY]["sources"][0]["sha256"] is None
+
+
+def test_download_needs_a_name_and_reports_unknown_ones():
+    assert run("download").exit_code == 2
+    result = run("download", "resnet50v1_sn.in1k_nope")
+    assert result.exit_code == 1 and "did you mean" in result.output
+
+
+def test_offline_download_fails_with_instructions():
+    result = run("download", "resnet50v1_ssn.in1k_8x8_step100")
+    assert result.exit_code == 1
+    assert "af85a39920644421fc48e216aba6ff0e" in result.output and str(cache_dir()) in result.output
