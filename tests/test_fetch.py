@@ -325,3 +325,28 @@ def test_source_override_and_manual_file(checkpoint, server, use_entry, tmp_path
     wrong.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(Exception, match="sha256"):
         fetch_weights(zoo.get_entry(ENTRY), file=wrong)
+
+
+def test_md5_only_pin_verifies_like_the_published_ssn_files(checkpoint, server, use_entry, recwarn):
+    _, path, _ = checkpoint
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    use_entry(url=server.url(FILE), md5=md5.upper())
+    assert_canonical_is(checkpoint, fetch_weights(zoo.get_entry(ENTRY)))
+    assert not [w for w in recwarn if issubclass(w.category, UnpinnedWeightsWarning)]
+    for leftover in cache_dir().iterdir():
+        leftover.unlink() if leftover.is_file() else None
+    use_entry(url=server.url(FILE), md5="0" * 32)
+    with pytest.raises(WeightsNotAvailableError, match="md5"):
+        fetch_weights(zoo.get_entry(ENTRY))
+    assert cache_names() == set()
+
+
+def test_google_drive_source_goes_through_gdown(checkpoint, server, tmp_path):
+    from snzoo.entry import Source
+    from snzoo.weights.sources import fetch_to_partial
+
+    _, path, sha256 = checkpoint
+    source = Source(url=server.url(FILE), kind="gdrive", format="original", file_name=FILE)
+    digests = fetch_to_partial(source, tmp_path / "gd.part", progress=False)
+    assert digests.sha256 == sha256 and (tmp_path / "gd.part").read_bytes() == path.read_bytes()
+    assert server.requests_for(FILE)

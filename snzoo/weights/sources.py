@@ -91,21 +91,23 @@ def fetch_to_partial(source: Source, partial: Path, *, progress: Optional[bool] 
     if source.kind == "file":
         return _copy_into(local_path(source.url), partial)
     if source.kind == "gdrive":
-        return _fetch_gdrive(source, partial, progress)
+        return _fetch_gdrive(source, partial, progress, timeout)
     if source.kind == "hf-hub":
         return _copy_into(_hf_hub_file(source.url), partial)
     raise DownloadError(f"unknown source kind {source.kind!r} for {source.url}")
 
 
-def _fetch_gdrive(source: Source, partial: Path, progress: Optional[bool]) -> Digests:
+def _fetch_gdrive(source: Source, partial: Path, progress: Optional[bool], timeout: float) -> Digests:
     import gdown
 
     # gdown follows Google Drive's confirmation page for large files; resume reuses the partial file.
     quiet = not progress if progress is not None else True
     try:
-        result = gdown.download(url=source.url, output=str(partial), quiet=quiet, resume=partial.exists(), fuzzy=True)
+        result = gdown.download(url=source.url, output=str(partial), quiet=quiet, resume=partial.exists(),
+                                timeout=timeout, retries=3)
     except Exception as exc:  # gdown raises its own and requests' errors
-        raise DownloadError(f"Google Drive download of {source.url} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DownloadError(f"Google Drive download of {source.url} failed: {reason}") from None
     if result is None or not partial.is_file():
         raise DownloadError(f"Google Drive download of {source.url} failed (the link may be dead or over its quota); use a mirror or --file")
     return hash_file(partial)
