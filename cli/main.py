@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -32,7 +33,13 @@ class SnzooGroup(click.Group):
 )
 def cli(manifest: str | None) -> None:
     """snzoo: the model zoo for Switchable Normalization."""
+    warnings.showwarning = _show_warning
     zoo.set_overlay(manifest)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings are for the user of the command: one line, without Python's file and line prefix.
+    click.echo(f"warning: {message}", err=True)
 
 
 def _register_commands() -> None:

@@ -117,4 +117,18 @@ def cache_clean_command(names, partial) -> None:
     click.echo(f"removed {len(removed)} file(s) from {cache_dir()}")
 
 
-COMMANDS = [download_command, verify_command, convert_command, pin_command, cache_group]
+
+@click.command("export-hf")
+@click.argument("name")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--repo-id", help="ORG/REPO the folder will be uploaded to (used in the model card).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT_DIR.")
+def export_hf_command(name, out_dir, repo_id, overwrite) -> None:
+    """Write a ready-to-upload Hugging Face model folder for entry NAME: weights, config.json, model card."""
+    from snzoo.hf import export_hf
+
+    path = export_hf(name, Path(out_dir), overwrite=overwrite, repo_id=repo_id)
+    click.echo(f"{path}: model.safetensors, config.json, README.md")
+
+
+COMMANDS = [download_command, verify_command, convert_command, pin_command, cache_group, export_hf_command]

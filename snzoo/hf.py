@@ -186,7 +186,8 @@ def model_card(entry: Entry, repo_id: Optional[str] = None, source_sha256: Optio
         f"license: {license_id}",
     ]
     if license_id == "other":
-        front.append(f"license_name: {_yaml_str(re.sub(r'[^a-z0-9.]+', '-', str(entry.provenance['license']).lower()))}")
+        slug = re.sub(r"[^a-z0-9.]+", "-", str(entry.provenance["license"]).lower()).strip("-")
+        front.append(f"license_name: {_yaml_str(slug)}")
         if entry.provenance.get("license_url"):
             front.append(f"license_link: {_yaml_str(str(entry.provenance['license_url']))}")
     datasets = sorted({hf_dataset(d) for d in [ev.dataset, *entry.metrics]})

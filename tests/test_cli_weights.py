@@ -129,3 +129,16 @@ def test_offline_download_fails_with_instructions():
     result = run("download", "resnet50v1_ssn.in1k_8x8_step100")
     assert result.exit_code == 1
     assert "af85a39920644421fc48e216aba6ff0e" in result.output and str(cache_dir()) in result.output
+
+
+def test_export_hf_writes_a_loadable_folder(served, overlay, tmp_path):
+    model, _, _ = served
+    out = tmp_path / "hf-folder"
+    result = run("--manifest", overlay, "export-hf", ENTRY, out, "--repo-id", "snzoo/r18-test")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert "snzoo/r18-test" in (out / "README.md").read_text()
+    loaded = snzoo.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    again = run("--manifest", overlay, "export-hf", ENTRY, out)
+    assert again.exit_code == 1 and again.output.count("\n") == 1

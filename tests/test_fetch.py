@@ -144,7 +144,11 @@ def test_hf_hub_source_from_a_cache_on_disk_offline(checkpoint, use_entry, tmp_p
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (snapshot / FILE).write_bytes(path.read_bytes())
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    # huggingface_hub reads HF_HUB_CACHE once, when first imported.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
     use_entry(url=f"hf-hub:snzoo/resnet18v1_sn-test@main/{FILE}", kind="hf-hub", sha256=sha256)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_canonical_is(checkpoint, fetch_weights(zoo.get_entry(ENTRY)))

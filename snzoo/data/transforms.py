@@ -1,0 +1,86 @@
+"""The 1-crop evaluation transform: resize the short side, centre crop, to tensor, normalise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from snzoo.data.datasets import DataError
+from snzoo.entry import EvalConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+_OVERRIDABLE = ("resize", "crop", "interpolation", "mean", "std")
+
+
+def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:
+    """The torchvision mode for an interpolation name (bilinear, bicubic, nearest)."""
+    if isinstance(name, InterpolationMode):
+        return name
+    mode = INTERPOLATIONS.get(str(name).lower())
+    if mode is None:
+        raise DataError(f"unknown interpolation {name!r}; expected one of {', '.join(INTERPOLATIONS)}")
+    return mode
+
+
+def _check_size(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"{what} must be a positive whole number of pixels, got {value!r}")
+    return value
+
+
+def _check_channels(what: str, values: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        triple = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        triple = ()
+    if len(triple) != 3:
+        raise DataError(f"{what} must be 3 numbers (one per RGB channel), got {values!r}")
+    return triple  # type: ignore[return-value]
+
+
+def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | InterpolationMode = "bilinear",
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
+    """PIL RGB image -> normalised (3, crop, crop) float tensor, as in the published 1-crop protocol.
+
+    The short side is resized to ``resize`` (antialiased, on the PIL image), then the centre ``crop`` x ``crop``
+    square is taken.
+    """
+    resize = _check_size("resize", resize)
+    crop = _check_size("crop", crop)
+    if crop > resize:
+        # CenterCrop would pad with black borders, which no published protocol does.
+        raise DataError(f"crop {crop} is larger than resize {resize}; expected crop <= resize (e.g. 224 of 256)")
+    mean = _check_channels("mean", mean)
+    std = _check_channels("std", std)
+    if any(s <= 0 for s in std):
+        raise DataError(f"std must be positive per channel, got {std!r}")
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def eval_transform_from_config(cfg: EvalConfig, **overrides: Any) -> transforms.Compose:
+    """The evaluation transform of a zoo entry's ``EvalConfig``, with any of its settings overridden.
+
+    Overrides are resize, crop, interpolation, mean and std; an override of None keeps the entry's value, so
+    optional command-line options can be passed straight through.
+    """
+    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+    if unknown:
+        raise DataError(f"unknown evaluation setting {unknown[0]!r}; expected one of {', '.join(_OVERRIDABLE)}")
+    settings = {"resize": cfg.resize, "crop": cfg.crop, "interpolation": cfg.interpolation,
+                "mean": cfg.mean, "std": cfg.std}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return eval_transform(**settings)
