@@ -43,9 +43,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register_commands() -> None:
-    from snzoo_cli import weights_commands, zoo_commands
+    from snzoo_cli import eval_commands, weights_commands, zoo_commands
 
-    for command in zoo_commands.COMMANDS + weights_commands.COMMANDS:
+    for command in zoo_commands.COMMANDS + weights_commands.COMMANDS + eval_commands.COMMANDS:
         cli.add_command(command)
 
 

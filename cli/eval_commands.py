@@ -1,0 +1,82 @@
+"""`snzoo eval`: a thin wrapper over snzoo.eval_zoo."""
+
+from __future__ import annotations
+
+
+import click
+
+from snzoo import zoo
+from snzoo.eval_zoo import append_results, evaluate_model
+from snzoo_cli.output import echo_json
+
+
+def _names(patterns: tuple[str, ...]) -> list[str]:
+    names = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matched = zoo.list_models(pattern, pretrained=True)
+            if not matched:
+                raise click.UsageError(f"no zoo entry matches {pattern!r}; `snzoo list --pretrained` shows them")
+            names += matched
+        else:
+            names.append(pattern)
+    return names
+
+
+def _line(result) -> str:
+    text = (f"{result.model}: top-1 {result.top1:.3f}  top-5 {result.top5:.3f}  on {result.n} images"
+            f"{' (first ' + str(result.limit) + ' only)' if result.limit else ''}  {result.images_per_s:.1f} img/s")
+    if result.published:
+        p = result.published
+        text += f"  (published {p['top1']:.2f} / {p['top5']:.2f}: {p['top1_diff']:+.2f} top-1)"
+    return text
+
+
+@click.command("eval")
+@click.argument("names", nargs=-1)
+@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or a .txt list file.")
+@click.option("--root", type=click.Path(), help="Where a list file's relative paths start (default: its folder).")
+@click.option("--arch", help="Architecture of --checkpoint (e.g. resnet50v1_sn).")
+@click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")
+@click.option("--resize", type=int, help="Override the entry's resize (short side).")
+@click.option("--crop", type=int, help="Override the entry's center crop.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Override the resize interpolation.")
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--workers", "-j", type=int, help="DataLoader workers (default: the CPU count).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--amp", type=click.Choice(["bfloat16", "float16"]), help="Autocast dtype (norm statistics stay float32).")
+@click.option("--channels-last", is_flag=True, help="channels_last memory format.")
+@click.option("--limit", type=int, help="Only the first N images (a quick check; stated in the output).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images, count them and list them at the end.")
+@click.option("--per-class", is_flag=True, help="Add per-class top-1 to the JSON output.")
+@click.option("--results-file", type=click.Path(dir_okay=False), help="Append timm-style rows to a .csv or .json file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several models).")
+def eval_command(names, data, root, arch, checkpoint, resize, crop, interpolation, batch_size, workers, device, amp,
+                 channels_last, limit, skip_bad, per_class, results_file, quiet, as_json) -> None:
+    """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data."""
+    if checkpoint is None and not names:
+        raise click.UsageError("name a zoo entry, or pass --checkpoint FILE --arch ARCH")
+    targets = _names(names) if names else [None]
+    if checkpoint is not None and len(targets) > 1:
+        raise click.UsageError("--checkpoint evaluates one model; name at most one entry with it")
+    results = []
+    for name in targets:
+        result = evaluate_model(
+            name, data=data, checkpoint=checkpoint, arch=arch, root=root, resize=resize, crop=crop,
+            interpolation=interpolation, skip_bad=skip_bad, batch_size=batch_size, workers=workers, device=device,
+            amp=amp or False, channels_last=channels_last, limit=limit, per_class=per_class,
+            progress=False if quiet or as_json else None,
+        )
+        results.append(result)
+        if not as_json:
+            click.echo(_line(result))
+            for bad in result.skipped:
+                click.echo(f"  skipped {bad['path']}: {bad['reason']}")
+    if results_file:
+        append_results(results_file, results)
+    if as_json:
+        echo_json(results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results])
+
+
+COMMANDS = [eval_command]
