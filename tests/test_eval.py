@@ -258,3 +258,9 @@ def _bad_list(tmp: Path) -> Path:
 def test_cli_eval_needs_a_model():
     result = run("eval", "--data", ".")
     assert result.exit_code == 2 and "name a zoo entry" in result.output
+
+
+def test_snzoo_evaluate_is_the_engine(small_model, photo_folder):
+    result = snzoo.evaluate(small_model, _dataset(photo_folder), workers=0, per_class=True)
+    assert isinstance(result, snzoo.EvalResult) and result.n == 20
+    assert sum(c["n"] for c in result.per_class.values()) == 20
