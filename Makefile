@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snzoo-installed
+# Real images for the training-data tests (Debian package dataset-fashion-mnist).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: test install clean
 
@@ -12,12 +14,16 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+$(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Order-only for $(STAMP): installed when missing, never a reason to rebuild the environment.
+$(FASHION_MNIST):
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -43,10 +43,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register_commands() -> None:
-    from snzoo_cli import eval_commands, weights_commands, zoo_commands
+    from snzoo_cli import eval_commands, plot_commands, train_commands, weights_commands, zoo_commands
 
-    for command in zoo_commands.COMMANDS + weights_commands.COMMANDS + eval_commands.COMMANDS:
-        cli.add_command(command)
+    for module in (zoo_commands, weights_commands, eval_commands, train_commands, plot_commands):
+        for command in module.COMMANDS:
+            cli.add_command(command)
 
 
 _register_commands()
@@ -55,3 +56,20 @@ _register_commands()
 def main() -> None:
     """Console entry point."""
     cli(prog_name="snzoo")
+
+
+def run_command(command: click.Command, prog_name: str) -> None:
+    """Run one command on its own (e.g. `python -m snzoo.train`) with the same one-line errors as `snzoo`."""
+    warnings.showwarning = _show_warning
+    try:
+        command(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except SnzooError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

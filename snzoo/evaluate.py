@@ -63,6 +63,7 @@ def make_loader(dataset: Dataset, batch_size: int = 64, workers: Optional[int] =
         persistent_workers=workers > 0,
         pin_memory=torch.device(device).type == "cuda",
         collate_fn=collate_skip_bad,
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG of a training run untouched
     )
 
 

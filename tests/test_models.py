@@ -89,7 +89,7 @@ def test_conv_init_follows_the_original_fan_out_rule():
 
 @pytest.mark.parametrize("arch", list_architectures())
 def test_every_architecture_builds_and_runs_on_small_inputs(arch):
-    model = get_architecture(arch).build(num_classes=7)
+    model = get_architecture(arch).build(num_classes=7, in_chans=3)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))

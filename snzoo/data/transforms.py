@@ -37,13 +37,13 @@ def _check_size(what: str, value: Any) -> int:
     return value
 
 
-def _check_channels(what: str, values: Sequence[float]) -> tuple[float, float, float]:
+def _check_channels(what: str, values: Sequence[float]) -> tuple[float, ...]:
     try:
         triple = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         triple = ()
-    if len(triple) != 3:
-        raise DataError(f"{what} must be 3 numbers (one per RGB channel), got {values!r}")
+    if len(triple) not in (1, 3):
+        raise DataError(f"{what} must be 3 numbers (one per RGB channel) or 1 (grayscale models), got {values!r}")
     return triple  # type: ignore[return-value]
 
 

@@ -32,6 +32,11 @@ class NormFactory:
         if self.kind != "sn" and not self.using_bn:
             raise ValueError(f"using_bn=False applies to norm 'sn' only, not {self.kind!r}")
 
+    def config(self) -> dict:
+        """The manifest's `norm` object for models built with this factory."""
+        return {"type": self.kind, "using_bn": self.using_bn, "using_moving_average": self.using_moving_average,
+                "momentum": self.momentum if self.momentum is not None else 0.9, "last_gamma": self.last_gamma}
+
     def __call__(self, num_features: int, last: bool = False) -> nn.Module:
         """A norm layer over num_features channels; `last` marks the last norm of a residual block."""
         zero_gamma = last and self.last_gamma

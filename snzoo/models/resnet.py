@@ -7,12 +7,11 @@ are exactly the original checkpoints' and the BN / GN baselines line up with the
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
+from snzoo.models.classifier import PooledClassifier
 from snzoo.models.norms import NormFactory
 from snzoo.models.registry import register_architecture
 
@@ -113,7 +112,7 @@ class BottleneckV2(nn.Module):
         return out + shortcut
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier):
     """ResNet v1 or v2 (pre-activation) with SN, SSN, BN or GN, keyed as the original SN checkpoints.
 
     Stem conv 7x7/2, norm, ReLU, max-pool; four stages; (v2: sn_out + ReLU); adaptive average pooling (so any
@@ -144,6 +143,7 @@ class ResNet(nn.Module):
         if last_gamma is None:
             last_gamma = version == 1
         factory = NormFactory(norm, using_bn, using_moving_average, momentum, eps, last_gamma, gn_groups)
+        self.norm_config = factory.config()
         basic = depth < 50
         block = {(1, True): BasicBlockV1, (1, False): BottleneckV1, (2, True): BasicBlockV2, (2, False): BottleneckV2}[
             (version, basic)
@@ -162,14 +162,9 @@ class ResNet(nn.Module):
         for index, (width, blocks) in enumerate(zip(widths, LAYERS[depth])):
             stride = 1 if index == 0 else 2
             setattr(self, f"layer{index + 1}", self._make_layer(block, width, blocks, stride, factory))
-        self.num_features = 512 * block.expansion
         if version == 2:
-            self.sn_out = factory(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.drop_rate = drop_rate
-        self.dropout = nn.Dropout(p=drop_rate)
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+            self.sn_out = factory(512 * block.expansion)
+        self._make_head(512 * block.expansion, num_classes, drop_rate)
         self._init_convs()
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, norm: NormFactory) -> nn.Sequential:
@@ -183,12 +178,6 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, None, norm) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def _init_convs(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, (N, num_features, H/32, W/32)."""
         x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
@@ -196,25 +185,6 @@ class ResNet(nn.Module):
         if self.version == 2:
             x = self.relu(self.sn_out(x))
         return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, dropout and classify a feature map; pre_logits returns the pooled features."""
-        x = torch.flatten(self.avgpool(x), 1)
-        if pre_logits:
-            return x
-        return self.fc(self.dropout(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
-        self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes else nn.Identity()
 
 
 def _register_all() -> None:

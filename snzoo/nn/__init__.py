@@ -4,7 +4,13 @@ from snzoo.nn.batch_average import batch_average_layers, finalize_batch_average
 from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
 from snzoo.nn.sparsestmax import sparsemax, sparsestmax
 from snzoo.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm2d
-from snzoo.nn.utils import convert_sync_switchnorm, set_ghost_batch_size, set_sparsestmax_radius, switchnorm_layers
+from snzoo.nn.utils import (
+    convert_sync_switchnorm,
+    drop_bn_branch,
+    set_ghost_batch_size,
+    set_sparsestmax_radius,
+    switchnorm_layers,
+)
 
 __all__ = [
     "SwitchNorm1d",
@@ -20,4 +26,5 @@ __all__ = [
     "convert_sync_switchnorm",
     "set_sparsestmax_radius",
     "switchnorm_layers",
+    "drop_bn_branch",
 ]

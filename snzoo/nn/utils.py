@@ -46,3 +46,23 @@ def set_sparsestmax_radius(model: nn.Module, radius: float) -> int:
     for layer in layers:
         layer.set_radius(radius)
     return len(layers)
+
+
+def drop_bn_branch(model: nn.Module) -> int:
+    """Remove the BN term of every SwitchNorm2d/3d layer (using_bn=False), keeping the IN and LN weights.
+
+    The SN authors' advice for one image per device, where batch statistics are instance statistics. The raw IN
+    and LN importance weights are kept, so their relative preference survives. Returns the layers changed.
+    """
+    from snzoo.nn.switchnorm import SwitchNorm1d
+
+    changed = 0
+    for layer in switchnorm_layers(model):
+        if not layer.using_bn or isinstance(layer, (SparseSwitchNorm2d, SwitchNorm1d)):
+            continue
+        layer.mean_weight = nn.Parameter(layer.mean_weight.detach()[:2].clone())
+        layer.var_weight = nn.Parameter(layer.var_weight.detach()[:2].clone())
+        del layer._buffers["running_mean"], layer._buffers["running_var"]
+        layer.using_bn = False
+        changed += 1
+    return changed

@@ -1,0 +1,93 @@
+"""`snzoo train` and `snzoo finetune`: thin wrappers over snzoo.train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from snzoo_cli.output import echo_json
+
+
+def run_options(command):
+    """Options shared by train and finetune: where, how fast, how safely."""
+    options = [
+        click.option("--data", required=True, help="fashion-mnist, or a folder with train/ and val/ class folders."),
+        click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. schedule.type=step (repeatable)."),
+        click.option("--epochs", type=int, help="Override the recipe's epochs."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun picks the GPU by LOCAL_RANK)."),
+        click.option("--workers", "-j", type=int, help="DataLoader workers (default: the CPU count)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--amp", type=click.Choice(["bfloat16", "float16"]), help="Autocast dtype."),
+        click.option("--channels-last", is_flag=True),
+        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
+        click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation micro-batches per step."),
+        click.option("--sync-stats", is_flag=True, help="Synchronise SN statistics over processes (one process per recipe device)."),
+        click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every N steps (always at epoch ends)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
+        click.option("--max-steps", type=int, help="Stop after N steps (a quick check)."),
+        click.option("--subset", type=int, help="Train on the first N training images only."),
+        click.option("--val-subset", type=int, help="Validate on the first N images only."),
+        click.option("--deterministic", is_flag=True, help="Deterministic algorithms (exact resume on CPU)."),
+        click.option("--name", "entry_name", help="Name ARCH.TAG for the trained weights' entry."),
+        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config(kw: dict) -> dict:
+    return dict(
+        device=kw["device"], workers=kw["workers"], seed=kw["seed"], amp=kw["amp"], channels_last=kw["channels_last"],
+        compile=kw["compile_model"], accum_steps=kw["accum_steps"], sync_stats=kw["sync_stats"],
+        checkpoint_every=kw["checkpoint_every"], resume=kw["resume"], max_steps=kw["max_steps"], subset=kw["subset"],
+        val_subset=kw["val_subset"], deterministic=kw["deterministic"], entry_name=kw["entry_name"],
+    )
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        echo_json(summary)
+    elif "weights" in summary:
+        click.echo(f"weights {summary['weights']} (sha256 {summary['sha256']}), entry {summary['entry']}")
+
+
+@click.command("train")
+@click.argument("name")
+@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), help="Recipe overrides (JSON or YAML); a full recipe for an architecture without entries.")
+@click.option("--batch", help="Override the batch as DEVICESxPER_DEVICE, e.g. 8x2.")
+@click.option("--lr", type=float, help="Override the recipe's base lr (at its reference batch).")
+@click.option("--init", help="Start from this zoo entry's weights or a checkpoint file.")
+@run_options
+def train_command(name, recipe_file, batch, lr, init, **kw) -> None:
+    """Train NAME (a zoo entry reproduces its recipe) on --data; torchrun -m snzoo.train for many processes."""
+    from snzoo.train import train_entry
+
+    summary = train_entry(name, kw["data"], Path(kw["output"]), recipe_file=recipe_file, overrides=kw["overrides"],
+                          epochs=kw["epochs"], batch=batch, lr=lr, init=init, **_config(kw))
+    _report(summary, kw["as_json"])
+
+
+@click.command("finetune")
+@click.argument("name")
+@click.option("--batch", default="1x32", show_default=True, help="DEVICESxPER_DEVICE.")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Peak learning rate (cosine to 0).")
+@click.option("--num-classes", type=int, help="Classes of the new head (default: the data's).")
+@click.option("--freeze", multiple=True, help="Freeze a module and its statistics: conv1, sn1, layer1, ... (repeatable).")
+@click.option("--reset-importance", is_flag=True, help="Start the SN importance weights from uniform again.")
+@click.option("--drop-bn/--keep-bn", default=None, help="Drop the SN BN term (default: drop at per-device batch 1).")
+@click.option("--no-norm-decay", is_flag=True, help="No weight decay on norm and importance weights (detection style).")
+@run_options
+def finetune_command(name, batch, lr, num_classes, freeze, reset_importance, drop_bn, no_norm_decay, **kw) -> None:
+    """Fine-tune pretrained entry NAME on --data with a new classifier for its classes."""
+    from snzoo.train import finetune
+
+    summary = finetune(name, kw["data"], Path(kw["output"]), epochs=kw["epochs"] or 10, batch=batch, lr=lr,
+                       norm_decay=not no_norm_decay, overrides=kw["overrides"], num_classes=num_classes,
+                       freeze=tuple(freeze), reset_importance=reset_importance, drop_bn=drop_bn, **_config(kw))
+    _report(summary, kw["as_json"])
+
+
+COMMANDS = [train_command, finetune_command]

@@ -1,0 +1,84 @@
+"""torch.distributed set-up for torchrun launches, and the collective steps the recipes need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from snzoo.nn.switchnorm import _SwitchNorm
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "cpu") -> DistInfo:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): nccl on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Running statistics of SN and BN layers (not counters such as num_batches_tracked)."""
+    buffers = []
+    for module in model.modules():
+        if isinstance(module, (_SwitchNorm, nn.modules.batchnorm._BatchNorm)):
+            for name in ("running_mean", "running_var"):
+                value = getattr(module, name, None)
+                if value is not None:
+                    buffers.append(value)
+    return buffers
+
+
+@torch.no_grad()
+def average_running_stats(model: nn.Module, info: DistInfo) -> None:
+    """Average per-device running statistics over ranks (what ghost-batch emulation holds on one process)."""
+    if not info.enabled:
+        return
+    for buffer in running_stat_buffers(model):
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        buffer.div_(info.world_size)
+
+
+def all_finite(value: torch.Tensor, info: DistInfo) -> bool:
+    """True when the value is finite on every rank (so all ranks stop together)."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=value.device)
+    if info.enabled:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""The end of a run: canonical safetensors weights, their digests, and a manifest-ready zoo entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+import snzoo
+from snzoo import zoo
+from snzoo.nn import switchnorm_layers
+from snzoo.weights.convert import write_safetensors
+
+PROVENANCE = {"paper": "arXiv:1806.10779", "repository": "snzoo", "license": "Apache-2.0"}
+
+
+def default_entry_name(cfg, data) -> str:
+    """ARCH.TAG for the trained weights: the entry trained, or dataset_batch_schedule-epochs."""
+    if "." in cfg.name and cfg.init is None:
+        return cfg.name
+    arch = cfg.name.split(".")[0]
+    recipe = cfg.recipe
+    dataset = "fmnist" if data.val_name.startswith("fashion-mnist") else "".join(
+        c if c.isalnum() else "_" for c in data.val_name.lower().removesuffix("-val"))
+    schedule = "cos" if recipe["schedule"]["type"] == "cosine" else "step"
+    tag = f"{dataset}_{recipe['batch']['devices']}x{recipe['batch']['per_device']}_{schedule}{recipe['epochs']}"
+    return f"{arch}.{tag}" + ("_ft" if cfg.init else "")
+
+
+def norm_config(model: nn.Module) -> dict:
+    """The model's norm settings as the manifest records them (using_bn as the layers are now)."""
+    config = dict(getattr(model, "norm_config", {}))
+    layers = switchnorm_layers(model)
+    if layers:
+        config["using_bn"] = any(layer.using_bn for layer in layers)
+    return config
+
+
+def export_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict) -> dict:
+    """Write RUN_DIR/ENTRY.safetensors and RUN_DIR/entry.json (one copy away from the manifest)."""
+    name = cfg.entry_name or default_entry_name(cfg, data)
+    arch = name.split(".")[0]
+    weights = Path(run_dir) / f"{name}.safetensors"
+    digests = write_safetensors(model.state_dict(), weights, {"entry": name, "snzoo_version": snzoo.__version__, "format": "pt"})
+    metrics = {val_metrics["dataset"]: {"top1": round(val_metrics["top1"], 2), "top5": round(val_metrics["top5"], 2)}} \
+        if val_metrics else {data.val_name: {"top1": None, "top5": None}}
+    shipped = zoo.load_manifest().entries_for(arch)  # the entry is checked against the shipped manifest
+    entry = {
+        "architecture": arch,
+        "default": not shipped,
+        "norm": norm_config(model),
+        "num_classes": model.num_classes,
+        "sources": [{"url": weights.resolve().as_uri(), "kind": "file", "format": "safetensors",
+                     "file_name": weights.name, "sha256": digests.sha256, "md5": digests.md5, "size": digests.size}],
+        "metrics": metrics,
+        "eval": data.eval_config,
+        "recipe": cfg.recipe,
+        "provenance": PROVENANCE,
+        "notes": [f"trained by `snzoo train` from {cfg.name}" + (f", initialised from {cfg.init}" if cfg.init else "")],
+    }
+    path = Path(run_dir) / "entry.json"
+    path.write_text(json.dumps({"schema_version": 1, "entries": {name: entry}}, indent=2) + "\n")
+    zoo.load_manifest(overlay=path)  # manifest-ready means it validates
+    return {"entry_name": name, "weights": str(weights), "sha256": digests.sha256, "entry": str(path)}
