@@ -295,3 +295,21 @@ def test_finetune_replaces_the_head_and_improves_accuracy(tmp_path):
     assert tuned["fc.weight"].shape == (3, 64)
     assert torch.equal(tuned["conv1.weight"], weights(base)["conv1.weight"])  # frozen
     assert summary["val"]["top1"] > 50.0  # chance is 33.3
+
+
+def test_training_from_list_files(tmp_path):
+    from snzoo.data.fashion_mnist import FashionMNIST
+
+    lines = {"train": [], "val": []}
+    for split, source, count in (("train", FashionMNIST("train"), 48), ("val", FashionMNIST("test"), 16)):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for index in range(count):
+            image, label, _ = source[index]
+            image.convert("RGB").save(tmp_path / "images" / split / f"{index}.png")
+            lines[split].append(f"images/{split}/{index}.png {label}")
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines[split]) + "\n")
+    recipe = recipe_file(tmp_path, epochs=1, batch={"devices": 2, "per_device": 4})
+    run_ok(["resnet20_bn", "--recipe", recipe, "-o", tmp_path / "run", "--data", tmp_path, "-j", "0",
+            "--set", "model_note=list-files"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["val"]["n"] == 16

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from snzoo.data import DataError, ImageFolderDataset, eval_transform
+from snzoo.data import DataError, ImageFolderDataset, ListFileDataset, eval_transform
 from snzoo.data.augment import SeededAugmentation, eval_transform_small, final_phase_transform, train_transform
 from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
 from snzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -51,6 +51,20 @@ class _Grayscale(Dataset):
         return (image.convert("L"), *rest)
 
 
+def _folder_or_list(root: Path, evaluation: Callable) -> tuple[Any, Any, Any, list]:
+    """(train images, train with eval transforms, val, class names) from class folders or list files."""
+    if (root / "train").is_dir():
+        train = ImageFolderDataset(root / "train", transform=None)
+        classes = list(train.classes)
+        val = ImageFolderDataset(root / "val", evaluation, class_names=classes) if (root / "val").is_dir() else None
+        return train, ImageFolderDataset(root / "train", transform=evaluation), val, classes
+    train = ListFileDataset(root / "train.txt", root, transform=None)
+    classes = [str(i) for i in range(train.num_classes)]
+    val = ListFileDataset(root / "val.txt", root, evaluation, num_classes=train.num_classes) \
+        if (root / "val.txt").is_file() else None
+    return train, ListFileDataset(root / "train.txt", root, evaluation), val, classes
+
+
 def build_train_data(data: str, recipe: dict, seed: int = 0, subset: Optional[int] = None,
                      val_subset: Optional[int] = None, in_chans: int = 3,
                      normalization: Optional[tuple] = None) -> TrainData:
@@ -70,21 +84,19 @@ def build_train_data(data: str, recipe: dict, seed: int = 0, subset: Optional[in
         eval_config = {"dataset": name, "resize": crop, "crop": crop, "interpolation": "bilinear"}
     else:
         root = Path(data)
-        if not (root / "train").is_dir():
-            raise DataError(f"training data {root} has no train/ folder; expected {root}/train/<class>/<image> "
-                            f"(and {root}/val/<class>/<image>), or --data {FASHION_MNIST}")
+        if not (root / "train").is_dir() and not (root / "train.txt").is_file():
+            raise DataError(f"training data {root} has neither a train/ folder nor a train.txt list file; expected "
+                            f"{root}/train/<class>/<image> (and val/), or {root}/train.txt (and val.txt) with "
+                            f"'relative/path label' lines, or --data {FASHION_MNIST}")
         mean, std = normalization or ((IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,)))
         crop = aug.get("crop", 224)
         resize = int(round(crop / 0.875)) if aug.get("random_resized_crop", True) else crop
         evaluation = eval_transform(resize=resize, crop=crop, mean=mean, std=std)
         if in_chans == 1:
             evaluation = transforms.Compose([transforms.Grayscale(1), evaluation])
-        train_images = ImageFolderDataset(root / "train", transform=None)
-        classes = list(train_images.classes)
+        train_images, train_eval, val, classes = _folder_or_list(root, evaluation)
         if in_chans == 1:
             train_images = _Grayscale(train_images)
-        train_eval = ImageFolderDataset(root / "train", transform=evaluation)
-        val = ImageFolderDataset(root / "val", evaluation, class_names=classes) if (root / "val").is_dir() else None
         name = f"{root.name}-val"
         eval_config = {"dataset": name, "resize": resize, "crop": crop, "interpolation": "bilinear"}
     eval_config.update(mean=list(mean), std=list(std))

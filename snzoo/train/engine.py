@@ -176,6 +176,12 @@ def _input_format(cfg: TrainConfig) -> tuple[int, Optional[tuple]]:
     return in_chans, normalization
 
 
+def _progress(show: bool, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not show)
+
+
 def _frozen_modules(model: nn.Module, prefixes: tuple) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
@@ -263,6 +269,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                        epoch=epoch, step_in_epoch=step_in_epoch, step=step)
 
     workers = default_workers() if cfg.workers is None else cfg.workers
+    show_progress = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     autocast = (torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "float16" else torch.bfloat16)
                 if cfg.amp else contextlib.nullcontext())
     val_metrics: dict = {}
@@ -281,6 +288,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         model.train()
         for module in _frozen_modules(model, cfg.freeze):
             module.eval()
+        bar = _progress(show_progress, len(sampler), f"epoch {epoch}")
         for step_in_epoch, (images, labels, _) in enumerate(loader, start=first):
             lr = learning_rate(recipe["schedule"], peak, epoch, step_in_epoch, steps_per_epoch, epochs)
             set_learning_rate(optimizer, lr)
@@ -308,6 +316,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum.item():.4f}", lr=f"{lr:.4g}")
             if step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
                 logger.log(step, "train", epoch=epoch, loss=loss_sum.item(), lr=lr,
                            images_per_s=step * plan.global_batch / (time.perf_counter() - started))
@@ -316,6 +326,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
+        bar.close()
         if stop:
             checkpoint(epoch, step_in_epoch + 1)
             break
