@@ -7,10 +7,19 @@ STAMP := $(VENV)/.snzoo-installed
 # Real images for the training-data tests (Debian package dataset-fashion-mnist).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: test install clean
+.PHONY: test demo install clean
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The main job on the embedded default entry: resolve it in the manifest, fetch and verify it through the
+# weights cache like any other entry, evaluate it with `snzoo eval` on the Fashion-MNIST test set, and
+# print top-1 / top-5 against the published numbers.
+DEMO_ENTRY ?= resnet20_sn
+demo: $(STAMP)
+	$(VENV)/bin/snzoo info $(DEMO_ENTRY)
+	$(VENV)/bin/snzoo download $(DEMO_ENTRY)
+	$(VENV)/bin/snzoo eval $(DEMO_ENTRY) --data fashion-mnist
 
 install: $(STAMP)
 

@@ -34,7 +34,7 @@ def _line(result) -> str:
 
 @click.command("eval")
 @click.argument("names", nargs=-1)
-@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or a .txt list file.")
+@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class), a .txt list file, or fashion-mnist (its test set).")
 @click.option("--root", type=click.Path(), help="Where a list file's relative paths start (default: its folder).")
 @click.option("--arch", help="Architecture of --checkpoint (e.g. resnet50v1_sn).")
 @click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")

@@ -43,9 +43,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register_commands() -> None:
-    from snzoo_cli import eval_commands, plot_commands, train_commands, weights_commands, zoo_commands
+    from snzoo_cli import (
+        bench_commands,
+        eval_commands,
+        export_commands,
+        plot_commands,
+        train_commands,
+        weights_commands,
+        zoo_commands,
+    )
 
-    for module in (zoo_commands, weights_commands, eval_commands, train_commands, plot_commands):
+    for module in (zoo_commands, weights_commands, eval_commands, train_commands, plot_commands, export_commands,
+                   bench_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 

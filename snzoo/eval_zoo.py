@@ -11,9 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from torchvision import transforms
+
 from snzoo import zoo
 from snzoo.checkpoint import load_checked, read_state_dict
 from snzoo.data import DataError, build_eval_dataset, eval_transform_from_config
+from snzoo.data.fashion_mnist import FashionMNIST
 from snzoo.entry import EvalConfig
 from snzoo.evaluate import EvalResult, evaluate
 from snzoo.factory import create_model
@@ -25,6 +28,7 @@ from snzoo.weights.verify import infer_model_kwargs
 
 IMAGENET_EVAL = EvalConfig(dataset="imagenet-1k-val", resize=256, crop=224, interpolation="bilinear",
                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+FASHION_MNIST = "fashion-mnist"
 WNID = re.compile(r"^n\d{8}$")
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                   "interpolation", "n", "images_per_s", "checkpoint_sha256"]
@@ -93,8 +97,15 @@ def evaluate_model(
         sha256 = (read_record(weights) or {}).get("source_sha256")
     config = entry.eval if entry else IMAGENET_EVAL
     transform = eval_transform_from_config(config, resize=resize, crop=crop, interpolation=interpolation)
-    names = class_names_for(data, model.num_classes)
-    dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad)
+    if model.conv1.in_channels == 1:
+        transform = transforms.Compose([transforms.Grayscale(1), transform])
+    if str(data) == FASHION_MNIST:
+        if model.num_classes != FashionMNIST.num_classes:
+            raise DataError(f"Fashion-MNIST has 10 classes but the model has {model.num_classes}")
+        dataset, names = FashionMNIST("test", transform=transform), list(FashionMNIST.classes)
+    else:
+        names = class_names_for(data, model.num_classes)
+        dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad)
     result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), **engine_options)
     used_resize = resize or config.resize
     used_crop = crop or config.crop

@@ -537,3 +537,27 @@ def test_ghost_batches_and_synchronised_statistics_exclude_each_other():
     model[1].ghost_batch_size = 2  # set behind the helpers' back: the forward refuses
     with pytest.raises(ValueError, match="exclude each other"):
         model(torch.randn(4, 3, 5, 5))
+
+
+def test_ghost_batchnorm_baseline_equals_separate_devices():
+    import copy
+
+    from snzoo.nn import set_ghost_batch_size
+    from snzoo.nn.ghost_batchnorm import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = GhostBatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(8, 4, 5, 5) * 3 + 1
+    devices = [copy.deepcopy(bn) for _ in range(4)]
+    assert set_ghost_batch_size(nn.Sequential(bn), 2) == 1
+    y = bn(x)
+    assert torch.allclose(y, torch.cat([d(x[2 * i:2 * i + 2]) for i, d in enumerate(devices)]), atol=1e-6)
+    assert torch.allclose(bn.running_mean, torch.stack([d.running_mean for d in devices]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([d.running_var for d in devices]).mean(0), atol=1e-6)
+    y.sum().backward()  # gradients flow to the shared affine parameters
+    assert bn.weight.grad is not None and bn.weight.grad.shape == (4,)
+    bn.eval()
+    assert torch.equal(bn(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))

@@ -298,7 +298,7 @@ def test_error_in_an_overlaid_field_blames_the_overlay(tmp_path):
     (lambda e: e[COS]["sources"][0].update(sha256="A" * 64), COS, "sources[0].sha256", "64 lowercase hex"),
     (lambda e: e[COS]["sources"][0].update(md5="xyz"), COS, "sources[0].md5", "32 hex"),
     (lambda e: e[COS]["sources"][0].update(size=0), COS, "sources[0].size", "positive"),
-    (lambda e: e[COS]["sources"][0].update(kind="ftp"), COS, "sources[0].kind", "one of 'https'"),
+    (lambda e: e[COS]["sources"][0].update(kind="ftp"), COS, "sources[0].kind", "https, file, gdrive, hf-hub, or package"),
     (lambda e: e[COS]["eval"].update(interpolation="lanczos"), COS, "eval.interpolation", "'bicubic'"),
     (lambda e: e[COS]["sources"][0].update(file_name="../x.pth"), COS, "sources[0].file_name", "plain file name"),
     (lambda e: e[COS]["sources"][0].update(file_name="/tmp/x.pth"), COS, "sources[0].file_name", "plain"),

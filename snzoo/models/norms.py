@@ -8,6 +8,7 @@ from typing import Optional
 from torch import nn
 
 from snzoo.nn import SparseSwitchNorm2d, SwitchNorm2d
+from snzoo.nn.ghost_batchnorm import GhostBatchNorm2d
 
 DEFAULT_MOMENTUM = {"sn": 0.9, "ssn": 0.997, "bn": 0.9, "gn": None}
 
@@ -47,7 +48,7 @@ class NormFactory:
         if self.kind == "ssn":
             return SparseSwitchNorm2d(num_features, self.eps, self.momentum, self.using_moving_average, zero_gamma)
         if self.kind == "bn":
-            layer = nn.BatchNorm2d(num_features, eps=self.eps, momentum=1.0 - self.momentum)
+            layer = GhostBatchNorm2d(num_features, eps=self.eps, momentum=1.0 - self.momentum)
         else:
             layer = nn.GroupNorm(min(self.gn_groups, num_features), num_features, eps=self.eps)
         if zero_gamma:

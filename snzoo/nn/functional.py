@@ -14,6 +14,7 @@ turns the LN and BN variances into the ordinary biased variances over channels a
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -117,7 +118,7 @@ def update_running_stats(
         running_var.add_((mean_bn.pow(2) + var_bn).mean(0, keepdim=True))
 
 
-def switch_norm(
+def switch_norm_reference(
     x: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -134,7 +135,7 @@ def switch_norm(
     ghost_batch_size: Optional[int] = None,
     process_group: Optional[object] = None,
 ) -> Tensor:
-    """Switchable normalisation of x (N, C, *spatial).
+    """Switchable normalisation of x (N, C, *spatial), written straightforwardly (the reference implementation).
 
     mean_probs / var_probs are the importance weights after softmax (or sparsestmax), ordered as `terms`,
     a subset of ("in", "ln", "bn"). In training the BN term uses batch statistics and updates the running
@@ -166,6 +167,73 @@ def switch_norm(
     y = (x3 - mean) / (var + eps).sqrt()
     y = y * weight.reshape(1, c, 1) + bias.reshape(1, c, 1)
     return y.to(x.dtype).reshape(x.shape)
+
+
+IMPLEMENTATIONS = ("fused", "reference")
+_implementation = "fused"
+
+
+def set_implementation(name: str) -> str:
+    """Choose what `switch_norm` runs: "fused" (the fast path of `snzoo.nn.fused`, the default) or "reference"
+    (`switch_norm_reference`). Module-wide; the environment variable SNZOO_SN_IMPL sets it at import.
+    Returns the previous choice."""
+    global _implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown switch_norm implementation {name!r}; choose one of {IMPLEMENTATIONS}")
+    previous, _implementation = _implementation, name
+    return previous
+
+
+def get_implementation() -> str:
+    """The implementation `switch_norm` runs now: "fused" or "reference"."""
+    return _implementation
+
+
+def switch_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean_probs: Tensor,
+    var_probs: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    terms: Sequence[str],
+    training: bool,
+    momentum: float,
+    eps: float,
+    using_moving_average: bool = True,
+    ghost_batch_size: Optional[int] = None,
+    process_group: Optional[object] = None,
+) -> Tensor:
+    """Switchable normalisation of x (N, C, *spatial); arguments and results as `switch_norm_reference`.
+
+    Runs the implementation chosen by `set_implementation` (default "fused": `snzoo.nn.fused.switch_norm_fused`,
+    which itself takes the reference path for synchronised statistics). Both give the same outputs, gradients
+    and running-buffer updates up to rounding.
+    """
+    if _implementation == "fused":
+        from snzoo.nn.fused import switch_norm_fused
+
+        fn = switch_norm_fused
+    else:
+        fn = switch_norm_reference
+    return fn(
+        x, weight, bias, mean_probs, var_probs, running_mean, running_var, terms=terms, training=training,
+        momentum=momentum, eps=eps, using_moving_average=using_moving_average, ghost_batch_size=ghost_batch_size,
+        process_group=process_group,
+    )
+
+
+def implementation_from_environment() -> str:
+    """The implementation named by the environment variable SNZOO_SN_IMPL ("fused" when unset or empty)."""
+    name = os.environ.get("SNZOO_SN_IMPL", "").strip().lower() or "fused"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"SNZOO_SN_IMPL={name!r} is not a switch_norm implementation; use one of {IMPLEMENTATIONS}")
+    return name
+
+
+set_implementation(implementation_from_environment())
 
 
 def switch_norm_flat(

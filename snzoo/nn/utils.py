@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from snzoo.nn.ghost_batchnorm import GhostBatchNorm2d
 from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
 from snzoo.nn.switchnorm import _SwitchNorm
 
@@ -16,7 +17,7 @@ def switchnorm_layers(model: nn.Module) -> list[_SwitchNorm]:
 
 
 def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> int:
-    """Compute BN statistics over groups of `ghost_batch_size` samples in every SN layer; None turns it off.
+    """Compute BN statistics over groups of `ghost_batch_size` samples in every SN (and ghost BN) layer; None: off.
 
     A batch of N = d * k samples then behaves as d devices with k samples each and unsynchronised statistics.
     Returns the number of layers changed.
@@ -26,6 +27,7 @@ def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> i
     layers = switchnorm_layers(model)
     if ghost_batch_size is not None and any(layer.process_group is not None for layer in layers):
         raise ValueError("synchronised statistics and ghost batches exclude each other; the model's SN layers are synchronised")
+    layers += [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]  # the BN baseline emulates devices too
     for layer in layers:
         layer.ghost_batch_size = ghost_batch_size
     return len(layers)

@@ -45,10 +45,12 @@ def export_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict) ->
     digests = write_safetensors(model.state_dict(), weights, {"entry": name, "snzoo_version": snzoo.__version__, "format": "pt"})
     metrics = {val_metrics["dataset"]: {"top1": round(val_metrics["top1"], 2), "top5": round(val_metrics["top5"], 2)}} \
         if val_metrics else {data.val_name: {"top1": None, "top5": None}}
-    shipped = zoo.load_manifest().entries_for(arch)  # the entry is checked against the shipped manifest
+    shipped = zoo.load_manifest()  # the entry is checked against the shipped manifest
+    same = shipped.entries.get(name)
+    default = same.default if same is not None else not shipped.entries_for(arch)
     entry = {
         "architecture": arch,
-        "default": not shipped,
+        "default": default,
         "norm": norm_config(model),
         "num_classes": model.num_classes,
         "sources": [{"url": weights.resolve().as_uri(), "kind": "file", "format": "safetensors",

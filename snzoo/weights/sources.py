@@ -13,12 +13,15 @@ from snzoo.entry import Source
 from snzoo.weights.download import Digests, DownloadError, download_to_partial, hash_file
 
 HF_PREFIX = "hf-hub:"
+PACKAGE_PREFIX = "package:"
 
 
 def source_kind(url: str) -> str:
     """The manifest's kind for a URL or path given on the command line."""
     if url.startswith(HF_PREFIX):
         return "hf-hub"
+    if url.startswith(PACKAGE_PREFIX):
+        return "package"
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
         return "gdrive" if parsed.netloc == "drive.google.com" else "https"
@@ -26,7 +29,11 @@ def source_kind(url: str) -> str:
 
 
 def local_path(url: str) -> Path:
-    """The path of a file:// URL or a plain path."""
+    """The path of a file:// URL, a package: file shipped inside snzoo, or a plain path."""
+    if url.startswith(PACKAGE_PREFIX):
+        from importlib import resources
+
+        return Path(str(resources.files("snzoo") / url[len(PACKAGE_PREFIX):]))
     if url.startswith("file://"):
         return Path(unquote(urlparse(url).path))
     return Path(url).expanduser()
@@ -63,8 +70,8 @@ def offline_mode() -> bool:
 
 
 def reachable_offline(source: Source) -> bool:
-    """Sources that need no network: local files (and Hub files already in the Hugging Face cache)."""
-    return source.kind in ("file", "hf-hub")
+    """Sources that need no network: local and shipped files (and Hub files already in the Hugging Face cache)."""
+    return source.kind in ("file", "package", "hf-hub")
 
 
 def _copy_into(src: Path, partial: Path) -> Digests:
@@ -88,7 +95,7 @@ def fetch_to_partial(source: Source, partial: Path, *, progress: Optional[bool] 
     timeout = download_timeout() if timeout is None else timeout
     if source.kind == "https":
         return download_to_partial(source.url, partial, expected_size=source.size, progress=progress, timeout=timeout)
-    if source.kind == "file":
+    if source.kind in ("file", "package"):
         return _copy_into(local_path(source.url), partial)
     if source.kind == "gdrive":
         return _fetch_gdrive(source, partial, progress, timeout)

@@ -1,0 +1,169 @@
+"""Throughput of a model: evaluation and training images per second on random data.
+
+    import snzoo.bench
+    snzoo.bench.benchmark_model("resnet50v1_sn", batch=8, size=224)
+
+The numbers depend on the machine and on what else runs on it; compare models measured in the same process
+(the scripts under benchmarks/ report such ratios) rather than numbers taken at different times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from snzoo.errors import SnzooError
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class BenchmarkError(SnzooError, ValueError):
+    """Benchmark settings that cannot run here (a device that is absent, a bad size or dtype)."""
+
+
+def sn_implementation() -> Optional[str]:
+    """The SN implementation in use (snzoo.nn.functional.get_implementation), or None where there is no choice."""
+    from snzoo.nn import functional
+
+    get = getattr(functional, "get_implementation", None)
+    return get() if get is not None else None
+
+
+def benchmark_model(
+    name_or_model: Union[str, nn.Module],
+    batch: int = 8,
+    size: int = 224,
+    device: str = "cpu",
+    amp: Optional[str] = None,
+    channels_last: bool = False,
+    steps: int = 10,
+    warmup: int = 3,
+) -> dict:
+    """Eval images/s (forward, no grad) and train images/s (forward + backward + SGD step) on random data.
+
+    name_or_model: an architecture or zoo entry name, built with random weights (an entry's class count and
+    norm settings), or a model, of which a copy is measured so the caller's weights stay as they were.
+    amp: None, "bfloat16" or "float16" (autocast; float16 training uses a gradient scaler).
+    Returns the throughputs, the milliseconds per batch, and the settings, thread count and torch version.
+    """
+    from snzoo.factory import create_model
+
+    torch_device = _check_settings(batch, size, device, amp, steps, warmup)
+    if isinstance(name_or_model, nn.Module):
+        name = getattr(name_or_model, "architecture", type(name_or_model).__name__)
+        model = copy.deepcopy(name_or_model)
+    else:
+        name = name_or_model
+        model = create_model(name_or_model)
+    in_chans = _input_channels(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(torch_device, memory_format=memory_format)
+    generator = torch.Generator().manual_seed(0)  # leave the caller's global RNG untouched
+    images = torch.randn(batch, in_chans, size, size, generator=generator)
+    images = images.to(torch_device, memory_format=memory_format)
+    autocast = _autocast(torch_device, amp)
+
+    model.eval()
+    with torch.no_grad(), autocast:
+        num_classes = model(images).shape[1]
+
+        def eval_step() -> None:
+            model(images)
+
+        eval_s = _time(eval_step, torch_device, steps, warmup)
+
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(torch_device)
+    # A small learning rate: the step does the full arithmetic while the weights stay in a sane range.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(torch_device.type) if AMP_DTYPES.get(amp or "") is torch.float16 else None
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(torch_device, amp):
+            loss = loss_fn(model(images), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    train_s = _time(train_step, torch_device, steps, warmup)
+    return {
+        "model": name,
+        "eval_images_per_s": batch * steps / eval_s,
+        "train_images_per_s": batch * steps / train_s,
+        "eval_ms_per_batch": 1000 * eval_s / steps,
+        "train_ms_per_step": 1000 * train_s / steps,
+        "batch": batch,
+        "size": size,
+        "in_chans": in_chans,
+        "num_classes": num_classes,
+        "device": str(torch_device),
+        "amp": _amp_name(amp),
+        "channels_last": channels_last,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "sn_implementation": sn_implementation(),
+    }
+
+
+def _check_settings(batch: int, size: int, device: str, amp: Optional[str], steps: int, warmup: int) -> torch.device:
+    for label, value, least in (("batch", batch, 1), ("size", size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < least:
+            raise BenchmarkError(f"{label} must be an integer >= {least}, got {value!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise BenchmarkError(f"amp must be one of bfloat16, float16 (or none), got {amp!r}")
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchmarkError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchmarkError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise BenchmarkError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif torch_device.type != "cpu":
+        raise BenchmarkError(f"device {device!r} is not supported by the benchmark; use cpu or cuda")
+    return torch_device
+
+
+def _amp_name(amp: Optional[str]) -> Optional[str]:
+    return None if amp is None else str(AMP_DTYPES[amp]).replace("torch.", "")
+
+
+def _autocast(device: torch.device, amp: Optional[str]):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _input_channels(model: nn.Module) -> int:
+    # The CIFAR-style models take one channel (Fashion-MNIST), the ImageNet ones three: ask the first conv.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return 3
+
+
+def _time(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds for `steps` calls of step after `warmup` untimed ones, with the GPU queue drained around them."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return time.perf_counter() - start

@@ -1,0 +1,452 @@
+"""The fast path of switchable normalisation: few full-size passes, an analytic backward, BatchNorm-like memory.
+
+The statistics are those of `snzoo.nn.functional` (unbiased IN variance; LN and BN variances built from it as
+E[var_in + mean_in^2] - mean^2; L == 1 -> IN variance 0; ghost batches; running-buffer updates through
+`functional.update_running_stats`); only the way they are computed differs. x is viewed as (N, C, L), or as
+(N, L, C) without a copy when the channels are innermost (channels_last).
+
+Forward
+-------
+1. Per-(n, c) moments of x: sum and sum of squares (two vectorised reads, no temporary) on (N, C, L); on
+   (N, L, C) BatchNorm's channels-last statistics kernel, one call per sample. torch.var_mean would be
+   accurate too, but its Welford kernel is ~50x slower than a sum on CPU.
+2. Conditioning check on the (N, C) result: a sum of squares cancels when the mean is large against the spread
+   (relative error ~ eps_dtype * mean^2 / var). If any (n, c) has mean^2 > limit * (var + eps) (limit 64 in
+   float32, i.e. |mean| > 8 std), the statistics are recomputed from d = x - m, m the rounded mean (d is exact
+   for such inputs, and written into the output buffer): the shifted two-pass variance, accurate for, e.g.,
+   mean 1e4 with std 1e-2. The check needs the host to read one boolean, so it runs only in CPU eager mode; on
+   other devices, under torch.compile and while exporting, the shifted form is always used (no sync, no
+   data-dependent graph).
+3. Everything derived from the IN statistics lives on tiny (N, C) tensors, in float64 (float32 on MPS), with
+   the LN and BN variances in the cancellation-free form mean(var_in) + mean((mean_in - mean)^2), which equals
+   the definition exactly.
+4. ONE per-(n, c) affine map: y = x * scale + shift (or d * scale + shift'), scale = weight * rsqrt(var + eps),
+   shift = bias - mean * scale. On (N, C, L) both operands broadcast along the innermost dim, which addcmul
+   does not vectorise on CPU: BatchNorm's inference kernel does the same multiply-add vectorised.
+
+Full-size passes (CPU, well-conditioned): 3 reads + 1 write and one allocation (the output); BatchNorm's
+inference needs 1 read + 1 write. The fallback adds 3 reads + 2 writes.
+
+Backward
+--------
+Training with gradients goes through `_SwitchNormFunction`, which saves only x, the per-(n, c) shift (when
+used) and (N, C)-sized statistics. With y = (x - mu) * a + b (a = weight * r, r = (sigma2 + eps)^-1/2,
+mu = sum_k pm_k mean_k, sigma2 = sum_k pv_k var_k) and g = dL/dy:
+
+- per (n, c): S1 = sum_L g and T = sum_L g * (x - mu) = sum_L g * x - mu * S1 (with x - shift in place of x
+  after the fallback);
+- dbias = sum_N S1, dweight = sum_N r * T, dmu = -a * S1, dsigma2 = -weight * T * r^3 / 2;
+- dpm_k = sum_NC dmu * mean_k, dpv_k = sum_NC dsigma2 * var_k (autograd takes them on through softmax or
+  sparsestmax to the raw importance weights);
+- back to the IN statistics through the mixing (G: the samples of the batch or ghost batch; in eval the BN term
+  is the running buffers, constants):
+  dmean_in = pm_in dmu + mean_C(pm_ln dmu) + mean_G(pm_bn dmu)
+             + 2 (mean_in - mean_ln) mean_C(pv_ln dsigma2) + 2 (mean_in - mean_bn) mean_G(pv_bn dsigma2),
+  dvar_in = pv_in dsigma2 + mean_C(pv_ln dsigma2) + mean_G(pv_bn dsigma2);
+- dx = g * a + dmean_in / L + dvar_in * 2 (x - mean_in) / (L - 1) = g * a + x * B + C per (n, c), with
+  B = 2 dvar_in / (L - 1) (0 when L == 1) and C = dmean_in / L - B * mean_in.
+
+Full-size passes: S1 (1 read); g * x into the gradient buffer (2 reads, 1 write) and its sum (1 read);
+x * B + C over it (1 read, 1 write); + g * a (2 reads, 1 write): one allocation, like BatchNorm's backward.
+
+Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
+ops (no autograd.Function). While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it runs
+out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
+multiply-add.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------- layout
+class _Layout:
+    """How x is viewed as a 3-D tensor without copying: (N, C, L) reduced over dim 2, or (N, L, C) over dim 1."""
+
+    __slots__ = ("c", "length", "n", "nlc", "red")
+
+    def __init__(self, x: Tensor) -> None:
+        self.n, self.c = x.shape[0], x.shape[1]
+        self.length = math.prod(x.shape[2:])
+        # channels_last (or any layout with the channels innermost): compute on the (N, L, C) view.
+        self.nlc = x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+        self.red = 1 if self.nlc else 2
+
+    def view3(self, t: Tensor) -> Tensor:
+        """t (shaped like x) viewed as (N, C, L) or (N, L, C); copies only when t has another layout."""
+        if self.nlc:
+            return t.movedim(1, -1).reshape(self.n, self.length, self.c)
+        return t.reshape(self.n, self.c, self.length)
+
+    def empty_like(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """A new tensor shaped like x in this layout, and its 3-D view."""
+        fmt = torch.preserve_format if self.nlc else torch.contiguous_format
+        full = torch.empty_like(x, dtype=dtype, memory_format=fmt)
+        return full, self.view3(full)
+
+    def unview3(self, t3: Tensor, x: Tensor) -> Tensor:
+        """Inverse of view3: a 3-D result back to x's shape (x's layout)."""
+        if self.nlc:
+            return t3.reshape((self.n,) + tuple(x.shape[2:]) + (self.c,)).movedim(-1, 1)
+        return t3.reshape(x.shape)
+
+    def stat(self, t: Tensor) -> Tensor:
+        """An (N, C) tensor shaped to broadcast against the 3-D view."""
+        return t.reshape(self.n, 1, self.c) if self.nlc else t.reshape(self.n, self.c, 1)
+
+    def unstat(self, t: Tensor) -> Tensor:
+        return t.reshape(self.n, self.c)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / compute dtype of the full-size passes: float32 for half inputs."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the tiny (N, C) statistics: float64 where the device has it."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _moments(t: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and sum of squared deviations of the 3-D view t, as (N, C) tensors in the stats dtype.
+
+    (N, C, L): sum and sum of squares (two vectorised reads, no temporary); the sum of squared deviations is
+    s2 - s1^2 / L, accurate when the mean is not large against the spread (the callers check, or pass a
+    centred t). (N, L, C) in CPU eager mode: BatchNorm's channels-last statistics kernel on each sample
+    (mean, then squared deviations; one call per sample); otherwise sum and a product temporary.
+    """
+    length, red = lay.length, lay.red
+    if lay.nlc and fast_kernels:
+        means, variances = [], []
+        for i in range(lay.n):  # sample i as a (1, C, L, 1) channels_last tensor: no copy
+            mean_i, var_i = torch.batch_norm_update_stats(t[i].t().unsqueeze(0).unsqueeze(-1), None, None, 0.0)
+            means.append(mean_i)
+            variances.append(var_i)
+        mean = torch.stack(means).to(sd)
+        return mean, torch.stack(variances).to(sd) * length
+    s1 = lay.unstat(t.sum(red, keepdim=True)).to(sd)
+    if red == t.dim() - 1:
+        s2 = torch.linalg.vector_norm(t, 2, dim=red, keepdim=True).square()
+    else:
+        s2 = (t * t).sum(red, keepdim=True)
+    mean = s1 / length
+    return mean, lay.unstat(s2).to(sd) - s1 * mean
+
+
+def _affine(base: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor], fast_kernels: bool) -> Tensor:
+    """base * scale + shift with per-(n, c) scale and shift (stat-shaped), into out when given.
+
+    On the (N, C, L) layout both scale and shift broadcast along the innermost dim, which TensorIterator's
+    addcmul does not vectorise; in CPU eager mode BatchNorm's inference kernel does the same multiply-add
+    vectorised (base viewed as (1, N*C, L), mean 0, variance 1, eps 0, weight = scale, bias = shift).
+    """
+    if out is None:
+        return torch.addcmul(shift, base, scale)
+    if fast_kernels and base.dim() == 3 and shift.shape[-1] == 1 and base.is_contiguous() and out.is_contiguous():
+        n, c, length = base.shape
+        zeros = base.new_zeros(n * c)
+        torch.ops.aten.native_batch_norm.out(
+            base.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, torch.ones_like(zeros),
+            False, 0.0, 0.0, out=out.view(1, n * c, length), save_mean=base.new_empty(0), save_invstd=base.new_empty(0),
+        )
+        return out
+    return torch.addcmul(shift, base, scale, out=out)
+
+
+# --------------------------------------------------------------------------------------- tiny statistics
+def _group_size(n: int, ghost_batch_size: Optional[int]) -> int:
+    if ghost_batch_size is None or ghost_batch_size >= n:
+        return n
+    if n % ghost_batch_size:
+        raise ValueError(
+            f"batch of {n} samples does not split into ghost batches of {ghost_batch_size}; "
+            "use a batch size that is a multiple of the ghost batch size (e.g. drop_last=True in the DataLoader)"
+        )
+    return ghost_batch_size
+
+
+def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv):
+    """Mixed mean and variance (N, C) from the IN statistics, plus what backward and the running update need.
+
+    Returns (mu, sigma2, means, variances, group): means / variances (K, N, C) stack the statistics of the K
+    terms; group = the BN statistics (G, C) of each (ghost) batch in training with a BN term, else None.
+    """
+    n, c = mean_in.shape
+    means, variances = [], []
+    group = None
+    for t in terms:
+        if t == "in":
+            mean_t, var_t = mean_in, var_in
+        elif t == "ln":
+            mean_t = mean_in.mean(1, keepdim=True)
+            var_t = var_in.mean(1, keepdim=True) + (mean_in - mean_t).square().mean(1, keepdim=True)
+        elif t == "bn" and training:
+            g = n // k
+            mi = mean_in.reshape(g, k, c)
+            mean_g = mi.mean(1, keepdim=True)
+            var_g = var_in.reshape(g, k, c).mean(1, keepdim=True) + (mi - mean_g).square().mean(1, keepdim=True)
+            group = (mean_g.reshape(g, c), var_g.reshape(g, c))
+            mean_t, var_t = mean_g.expand(g, k, c).reshape(n, c), var_g.expand(g, k, c).reshape(n, c)
+        elif t == "bn":
+            mean_t, var_t = rm.reshape(1, c).to(mean_in.dtype), rv.reshape(1, c).to(mean_in.dtype)
+        else:
+            raise ValueError(f"unknown switchable-normalisation term {t!r}")
+        means.append(mean_t.expand(n, c))
+        variances.append(var_t.expand(n, c))
+    means, variances = torch.stack(means), torch.stack(variances)
+    mu = (pm.reshape(-1, 1, 1) * means).sum(0)
+    sigma2 = (pv.reshape(-1, 1, 1) * variances).sum(0)
+    return mu, sigma2, means, variances, group
+
+
+# Largest mean_in^2 / (var_in + eps) for which the plain sums are accurate enough: their relative error on the
+# variance is about eps_dtype * (that ratio) * a small factor, i.e. <= ~1e-5 (float32) / ~1e-11 (float64).
+_CONDITION_LIMIT = {torch.float32: 64.0, torch.float64: 1e4}
+
+
+def _fast_allowed(x: Tensor) -> bool:
+    """Plain moments with a host-side conditioning check, and BatchNorm's CPU kernels: CPU eager mode only."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64, *_HALF) or _exporting():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _instance_moments(v: Tensor, lay: _Layout, sd, eps: float, allow_fast: bool, out: Optional[Tensor]):
+    """Per-(n, c) mean and unbiased variance (N, C) in the stats dtype, from the 3-D view v (compute dtype).
+
+    Returns (mean_in, var_in, shift, d): shift is None when the plain moments of v were accurate enough (then d
+    is None too); otherwise shift (stat-shaped, v's dtype) is the rounded mean and d = v - shift (written into
+    out when given), whose moments give the statistics (the shifted two-pass variance, free of cancellation).
+    """
+    length = lay.length
+    if length == 1:  # a single value: mean = x, variance defined as 0 (the original gives 0/0)
+        shift = v.detach()
+        d = torch.sub(v, shift, out=out) if out is not None else v - shift
+        mean_in = lay.unstat(v).to(sd)
+        return mean_in, torch.zeros_like(mean_in), shift, d
+    mean, css = _moments(v, lay, sd, allow_fast)
+    if allow_fast:
+        var_in = css / (length - 1)
+        if not bool((mean.square() > _CONDITION_LIMIT[v.dtype] * (var_in + eps)).any()):
+            return mean, var_in, None, None
+    shift = lay.stat(mean.detach().to(v.dtype))  # y does not depend on the shift: no gradient through it
+    d = torch.sub(v, shift, out=out) if out is not None else v - shift
+    mean_d, css_d = _moments(d, lay, sd, allow_fast)
+    return lay.unstat(shift).to(sd) + mean_d, css_d / (length - 1), shift, d
+
+
+def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, inplace, allow_fast):
+    """The fused forward. Returns y, the per-group BN statistics (or None) and what the backward needs."""
+    lay = _Layout(x)
+    c = lay.c
+    acc, sd = _acc_dtype(x.dtype), _stat_dtype(x)
+    v = lay.view3(x)
+    if v.dtype != acc:
+        v = v.to(acc)
+    y = y3 = None
+    if inplace:
+        y, y3 = lay.empty_like(x, dtype=acc)
+    mean_in, var_in, shift, d = _instance_moments(v, lay, sd, eps, allow_fast, y3)
+
+    pm, pv = mean_probs.to(sd), var_probs.to(sd)
+    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv)
+    r = torch.rsqrt(sigma2 + eps)
+    w, b = weight.reshape(1, c).to(sd), bias.reshape(1, c).to(sd)
+    a = w * r
+    if shift is None:  # y = x * a + (b - mu * a)
+        base, offset = v, mu
+    else:  # y = (x - shift) * a + (b - (mu - shift) * a): no cancellation for large means
+        base, offset = d, mu - lay.unstat(shift).to(sd)
+    scale3, shift3 = lay.stat(a.to(acc)), lay.stat((b - offset * a).to(acc))
+    if inplace:
+        _affine(base, scale3, shift3, y3, allow_fast)
+    else:
+        y3 = _affine(base, scale3, shift3, None, False)
+        y = lay.unview3(y3, x)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    saved = (shift, mean_in, mu, r, a, means, variances)
+    return y, group, saved
+
+
+class _SwitchNormFunction(torch.autograd.Function):
+    """Fused SN with an analytic backward; saves x, the per-(n, c) shift and (N, C) statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast):
+        y, group, saved = _core_forward(
+            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast
+        )
+        shift, mean_in, mu, r, a, means, variances = saved
+        ctx.terms, ctx.training, ctx.k = terms, training, k
+        ctx.shifted, ctx.fast_kernels = shift is not None, allow_fast
+        if shift is None:
+            shift = mean_in.new_zeros(())
+        ctx.save_for_backward(x, weight, bias, mean_probs, var_probs, shift, mean_in, mu, r, a, means, variances)
+        if group is None:
+            mean_g = var_g = None
+        else:
+            mean_g, var_g = group
+            ctx.mark_non_differentiable(mean_g, var_g)
+        return y, mean_g, var_g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean_g=None, _grad_var_g=None):
+        x, weight, bias, mean_probs, var_probs, shift, mean_in, mu, r, a, means, variances = ctx.saved_tensors
+        terms, training, k = ctx.terms, ctx.training, ctx.k
+        lay = _Layout(x)
+        n, c, length, red = lay.n, lay.c, lay.length, lay.red
+        acc, sd = _acc_dtype(x.dtype), mean_in.dtype
+        v = lay.view3(x)
+        g = lay.view3(grad_y)
+        if v.dtype != acc:
+            v, g = v.to(acc), g.to(acc)
+
+        # Full-size reductions S1 = sum g and sum g * base, base = x (plain moments) or x - shift, computed in
+        # the buffer that then receives the gradient (one full-size allocation).
+        s1g = lay.unstat(g.sum(red, keepdim=True)).to(sd)
+        dx, buf = lay.empty_like(x, dtype=acc)
+        if ctx.shifted:
+            torch.sub(v, shift, out=buf)
+            buf.mul_(g)
+            shift_nc = lay.unstat(shift).to(sd)
+            offset, mean_rel = mu - shift_nc, mean_in - shift_nc
+        else:
+            torch.mul(g, v, out=buf)
+            offset, mean_rel = mu, mean_in
+        sgb = lay.unstat(buf.sum(red, keepdim=True)).to(sd)
+
+        # (N, C) chain rule
+        t_nc = sgb - offset * s1g  # sum_L g * (x - mu)
+        d_mu = -a * s1g
+        d_sigma2 = (-0.5 * weight.reshape(1, c).to(sd)) * t_nc * r.pow(3)
+        grad_weight = (r * t_nc).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = s1g.sum(0) if ctx.needs_input_grad[2] else None
+        grad_pm = (means * d_mu).sum((1, 2)) if ctx.needs_input_grad[3] else None
+        grad_pv = (variances * d_sigma2).sum((1, 2)) if ctx.needs_input_grad[4] else None
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            pm, pv = mean_probs.to(sd), var_probs.to(sd)
+            d_mean_in = d_var_in = 0
+            for i, t in enumerate(terms):
+                gm, gv = pm[i] * d_mu, pv[i] * d_sigma2
+                if t == "in":
+                    d_mean_in = d_mean_in + gm
+                    d_var_in = d_var_in + gv
+                elif t == "ln":
+                    gm, gv = gm.mean(1, keepdim=True), gv.mean(1, keepdim=True)
+                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
+                    d_var_in = d_var_in + gv
+                elif t == "bn" and training:
+                    groups = n // k
+                    gm = gm.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
+                    gv = gv.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
+                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
+                    d_var_in = d_var_in + gv
+                # eval "bn": the running buffers, constants
+            d_mean_in = d_mean_in + torch.zeros_like(mean_in)  # terms without IN broadcast from (N, 1)
+            # dx = g * a + dmean_in / L + dvar_in * 2 (x - mean_in) / (L - 1) = g * a + base * B + C
+            if length > 1:
+                coef_b = (2 / (length - 1)) * d_var_in + torch.zeros_like(mean_in)
+            else:
+                coef_b = torch.zeros_like(mean_in)
+            coef_c = d_mean_in / length - coef_b * mean_rel
+            b3, c3, a3 = lay.stat(coef_b.to(acc)), lay.stat(coef_c.to(acc)), lay.stat(a.to(acc))
+            if ctx.shifted:
+                torch.sub(v, shift, out=buf)
+                _affine(buf, b3, c3, buf, ctx.fast_kernels)
+            else:
+                _affine(v, b3, c3, buf, ctx.fast_kernels)
+            buf.addcmul_(g, a3)
+            grad_x = dx if dx.dtype == x.dtype else dx.to(x.dtype)
+
+        def _as(grad, like):
+            return None if grad is None else grad.reshape(like.shape).to(like.dtype)
+
+        return (
+            grad_x,
+            _as(grad_weight, weight),
+            _as(grad_bias, bias),
+            _as(grad_pm, mean_probs),
+            _as(grad_pv, var_probs),
+            None, None, None, None, None, None, None,
+        )
+
+
+def _exporting() -> bool:
+    """True while tracing or exporting: then the plain-op formulation runs instead of the autograd.Function."""
+    if torch.jit.is_tracing():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def switch_norm_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean_probs: Tensor,
+    var_probs: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    terms: Sequence[str],
+    training: bool,
+    momentum: float,
+    eps: float,
+    using_moving_average: bool = True,
+    ghost_batch_size: Optional[int] = None,
+    process_group: Optional[object] = None,
+) -> Tensor:
+    """`functional.switch_norm` computed the fast way (same arguments, same results and buffer updates).
+
+    Synchronised statistics (process_group), inputs of fewer than 3 dimensions and empty inputs take the
+    reference implementation.
+    """
+    from snzoo.nn import functional as F_sn
+
+    if process_group is not None or x.dim() < 3 or x.numel() == 0:
+        return F_sn.switch_norm_reference(
+            x, weight, bias, mean_probs, var_probs, running_mean, running_var, terms=terms, training=training,
+            momentum=momentum, eps=eps, using_moving_average=using_moving_average,
+            ghost_batch_size=ghost_batch_size, process_group=process_group,
+        )
+    terms = tuple(terms)
+    use_bn = "bn" in terms
+    k = _group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
+    rm = None if training or not use_bn else running_mean
+    rv = None if training or not use_bn else running_var
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or bias.requires_grad or mean_probs.requires_grad
+        or var_probs.requires_grad
+    )
+    allow_fast = _fast_allowed(x)
+    exporting = _exporting()
+    if needs_grad and not exporting:
+        y, mean_g, var_g = _SwitchNormFunction.apply(
+            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast
+        )
+        group = None if mean_g is None else (mean_g, var_g)
+    else:
+        y, group, _ = _core_forward(
+            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k,
+            not (needs_grad or exporting), allow_fast,
+        )
+    if training and use_bn:
+        mean_g, var_g = group
+        F_sn.update_running_stats(
+            running_mean, running_var, mean_g.unsqueeze(-1), var_g.unsqueeze(-1), momentum, using_moving_average
+        )
+    return y
