@@ -415,12 +415,12 @@ def test_half_module_and_input():
 
 
 # ------------------------------------------------------------------------------------ whole model check
-def _randomised_resnet50_sn(seed):
-    """resnet50v1_sn with random importance weights and running statistics; the zero-initialised last gammas
-    set to small values so that gradients reach every layer (at gamma ~ 1 the random deep residual stack is so
+def _randomised_sn_model(name, seed):
+    """An SN model with random importance weights and running statistics; zero-initialised last gammas set to
+    small values so that gradients reach every layer (at gamma ~ 1 the random deep residual stack is so
     ill-conditioned that float32 gradients of any implementation are off by percents against float64)."""
     torch.manual_seed(seed)
-    model = snzoo.create_model("resnet50v1_sn")
+    model = snzoo.create_model(name)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
@@ -453,9 +453,15 @@ def _model_results(model, x, target, impl, dtype):
     return logits_eval, loss.detach(), grads, buffers
 
 
-@pytest.mark.parametrize("dtype,size", [(torch.float32, 64), (torch.float64, 32)])  # 32: layer4 has 1x1 maps
-def test_resnet50_sn_same_logits_and_gradients(dtype, size):
-    model = _randomised_resnet50_sn(seed=60)
+@pytest.mark.parametrize(
+    "name,dtype,size",
+    [
+        ("resnet50v1_sn", torch.float32, 64),
+        ("resnet18v2_sn", torch.float64, 32),  # pre-activation blocks; 32x32: 1x1 maps in layer4
+    ],
+)
+def test_resnet_sn_same_logits_and_gradients(name, dtype, size):
+    model = _randomised_sn_model(name, seed=60)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(62))
     target = torch.tensor([3, 7])
     le_r, loss_r, grads_r, buf_r = _model_results(model, x, target, "reference", dtype)
