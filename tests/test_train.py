@@ -243,14 +243,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_end_of_run_exports_weights_and_a_manifest_ready_entry(tmp_path):
     recipe = recipe_file(tmp_path, epochs=1)
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", "resnet20_gn", "--recipe", str(recipe), "-o", str(run_dir), "--json",
+    result = CliRunner().invoke(cli, ["train", "resnet32_gn", "--recipe", str(recipe), "-o", str(run_dir), "--json",
                                       *COMMON])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     entry_file = Path(summary["entry"])
     manifest = json.loads(entry_file.read_text())
     (name, entry), = manifest["entries"].items()
-    assert name == "resnet20_gn.fmnist_4x2_cos1" and entry["recipe"]["epochs"] == 1
+    assert name == "resnet32_gn.fmnist_4x2_cos1" and entry["recipe"]["epochs"] == 1
     assert entry["sources"][0]["sha256"] == summary["sha256"]
     assert entry["metrics"]["fashion-mnist-test"]["top1"] == pytest.approx(summary["val"]["top1"], abs=0.01)
     zoo.set_overlay(entry_file)
