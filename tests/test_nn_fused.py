@@ -377,6 +377,10 @@ def test_non_contiguous_inputs_and_upstream_gradients(fused_path):
     # an expanded (stride-0) upstream gradient, as y.sum().backward() produces
     _check_layer(layer, x, TOL64, grad_y=torch.ones(1, 1, 1, 1, dtype=torch.float64).expand(x.shape),
                  ref_input=x.contiguous())
+    # every other sample of a batch (a strided (N, C, L) view), with a channels_last upstream gradient
+    x = _input((8, 3, 4, 5), seed=56)[::2]
+    grad_y = _upstream(x.shape, torch.float64).to(memory_format=torch.channels_last)
+    _check_layer(layer, x, TOL64, grad_y=grad_y, ref_input=x.contiguous())
 
 
 @pytest.mark.parametrize("training", [True, False])

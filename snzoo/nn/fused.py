@@ -33,8 +33,8 @@ Training with gradients goes through `_SwitchNormFunction`, which saves only x, 
 used) and (N, C)-sized statistics. With y = (x - mu) * a + b (a = weight * r, r = (sigma2 + eps)^-1/2,
 mu = sum_k pm_k mean_k, sigma2 = sum_k pv_k var_k) and g = dL/dy:
 
-- per (n, c): S1 = sum_L g and T = sum_L g * (x - mu) = sum_L g * x - mu * S1 (with x - shift in place of x
-  after the fallback);
+- per (n, c): S1 = sum_L g and T = sum_L g * (x - mu) = sum_L g * (x - m) - (mu - m) * S1, m the rounded IN
+  mean (the shift, after the fallback), so that nothing cancels;
 - dbias = sum_N S1, dweight = sum_N r * T, dmu = -a * S1, dsigma2 = -weight * T * r^3 / 2;
 - dpm_k = sum_NC dmu * mean_k, dpv_k = sum_NC dsigma2 * var_k (autograd takes them on through softmax or
   sparsestmax to the raw importance weights);
@@ -44,10 +44,13 @@ mu = sum_k pm_k mean_k, sigma2 = sum_k pv_k var_k) and g = dL/dy:
              + 2 (mean_in - mean_ln) mean_C(pv_ln dsigma2) + 2 (mean_in - mean_bn) mean_G(pv_bn dsigma2),
   dvar_in = pv_in dsigma2 + mean_C(pv_ln dsigma2) + mean_G(pv_bn dsigma2);
 - dx = g * a + dmean_in / L + dvar_in * 2 (x - mean_in) / (L - 1) = g * a + x * B + C per (n, c), with
-  B = 2 dvar_in / (L - 1) (0 when L == 1) and C = dmean_in / L - B * mean_in.
+  B = 2 dvar_in / (L - 1) (0 when L == 1) and C = dmean_in / L - B * mean_in (after the fallback the same with
+  x - shift for x and mean_in - shift for mean_in).
 
-Full-size passes: S1 (1 read); g * x into the gradient buffer (2 reads, 1 write) and its sum (1 read);
-x * B + C over it (1 read, 1 write); + g * a (2 reads, 1 write): one allocation, like BatchNorm's backward.
+Full-size passes (CPU): S1 and sum_L g * (x - m) in one read of g and x by BatchNorm's backward kernel (its
+grad_bias and grad_weight with mean m and invstd 1; no temporary); x * B + C into the gradient buffer
+(1 read, 1 write, BatchNorm's inference kernel); + g * a (2 reads, 1 write): 5 reads + 2 writes and one
+allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer first (3 more passes).
 
 Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
 ops (no autograd.Function). While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it runs
@@ -139,6 +142,39 @@ def _moments(t: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool) -> tu
         s2 = (t * t).sum(red, keepdim=True)
     mean = s1 / length
     return mean, lay.unstat(s2).to(sd) - s1 * mean
+
+
+def _centred_grad_sums(g: Tensor, v: Tensor, centre: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool,
+                       buf: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) sum_L g and sum_L g * (v - centre), as (N, C) tensors in the stats dtype.
+
+    In CPU eager mode BatchNorm's backward kernel computes both in one read of g and v, without a temporary
+    (its grad_bias and grad_weight with mean = centre, invstd = 1). Otherwise buf (full-size) holds the product.
+    """
+    if fast_kernels:
+        # the kernel reads grad and input in the input's memory format: both must be dense in the 3-D layout
+        g, v = g.contiguous(), v.contiguous()
+        if not lay.nlc:
+            nc, length = lay.n * lay.c, lay.length
+            _, dot, s1 = torch.ops.aten.native_batch_norm_backward(
+                g.view(1, nc, length), v.view(1, nc, length), None, None, None, centre.reshape(nc),
+                torch.ones(nc, dtype=v.dtype, device=v.device), True, 0.0, [False, True, True],
+            )
+        else:  # one call per sample, each a (1, C, L, 1) channels_last tensor
+            ones = torch.ones(lay.c, dtype=v.dtype, device=v.device)
+            sums = [
+                torch.ops.aten.native_batch_norm_backward(
+                    g[i].t()[None, :, :, None], v[i].t()[None, :, :, None], None, None, None, centre[i].reshape(-1),
+                    ones, True, 0.0, [False, True, True],
+                )
+                for i in range(lay.n)
+            ]
+            dot, s1 = torch.stack([t[1] for t in sums]), torch.stack([t[2] for t in sums])
+        return lay.unstat(s1).to(sd), lay.unstat(dot).to(sd)
+    s1 = g.sum(lay.red, keepdim=True)
+    torch.sub(v, centre, out=buf)
+    buf.mul_(g)
+    return lay.unstat(s1).to(sd), lay.unstat(buf.sum(lay.red, keepdim=True)).to(sd)
 
 
 def _affine(base: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor], fast_kernels: bool) -> Tensor:
@@ -311,22 +347,16 @@ class _SwitchNormFunction(torch.autograd.Function):
         if v.dtype != acc:
             v, g = v.to(acc), g.to(acc)
 
-        # Full-size reductions S1 = sum g and sum g * base, base = x (plain moments) or x - shift, computed in
-        # the buffer that then receives the gradient (one full-size allocation).
-        s1g = lay.unstat(g.sum(red, keepdim=True)).to(sd)
+        # Full-size reductions S1 = sum_L g and sum_L g * (x - centre), centre = the rounded IN mean (the
+        # shift, when the forward used one): centred, so nothing cancels.
         dx, buf = lay.empty_like(x, dtype=acc)
-        if ctx.shifted:
-            torch.sub(v, shift, out=buf)
-            buf.mul_(g)
-            shift_nc = lay.unstat(shift).to(sd)
-            offset, mean_rel = mu - shift_nc, mean_in - shift_nc
-        else:
-            torch.mul(g, v, out=buf)
-            offset, mean_rel = mu, mean_in
-        sgb = lay.unstat(buf.sum(red, keepdim=True)).to(sd)
+        centre = shift if ctx.shifted else lay.stat(mean_in.to(acc))
+        s1g, sgc = _centred_grad_sums(g, v, centre, lay, sd, ctx.fast_kernels, buf)
+        centre_nc = lay.unstat(centre).to(sd)
+        offset = mu - centre_nc
 
         # (N, C) chain rule
-        t_nc = sgb - offset * s1g  # sum_L g * (x - mu)
+        t_nc = sgc - offset * s1g  # sum_L g * (x - mu)
         d_mu = -a * s1g
         d_sigma2 = (-0.5 * weight.reshape(1, c).to(sd)) * t_nc * r.pow(3)
         grad_weight = (r * t_nc).sum(0) if ctx.needs_input_grad[1] else None
@@ -360,12 +390,13 @@ class _SwitchNormFunction(torch.autograd.Function):
                 coef_b = (2 / (length - 1)) * d_var_in + torch.zeros_like(mean_in)
             else:
                 coef_b = torch.zeros_like(mean_in)
-            coef_c = d_mean_in / length - coef_b * mean_rel
-            b3, c3, a3 = lay.stat(coef_b.to(acc)), lay.stat(coef_c.to(acc)), lay.stat(a.to(acc))
-            if ctx.shifted:
+            b3, a3 = lay.stat(coef_b.to(acc)), lay.stat(a.to(acc))
+            if ctx.shifted:  # (x - shift) * B + dmean_in / L - B * (mean_in - shift)
+                c3 = lay.stat((d_mean_in / length - coef_b * (mean_in - centre_nc)).to(acc))
                 torch.sub(v, shift, out=buf)
                 _affine(buf, b3, c3, buf, ctx.fast_kernels)
-            else:
+            else:  # x * B + dmean_in / L - B * mean_in: well conditioned (checked in the forward)
+                c3 = lay.stat((d_mean_in / length - coef_b * mean_in).to(acc))
                 _affine(v, b3, c3, buf, ctx.fast_kernels)
             buf.addcmul_(g, a3)
             grad_x = dx if dx.dtype == x.dtype else dx.to(x.dtype)
