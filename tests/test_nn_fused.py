@@ -457,36 +457,83 @@ def _model_results(model, x, target, impl, dtype):
     return logits_eval, loss.detach(), grads, buffers
 
 
+def _grad_errors(grads, grads_ref):
+    """Relative error of every gradient, split into (importance weights, everything else)."""
+    errors = {name: _rel(grads[name], grads_ref[name]) for name in grads_ref}
+    importance = {n: e for n, e in errors.items() if n.endswith(("mean_weight", "var_weight"))}
+    return importance, {n: e for n, e in errors.items() if n not in importance}
+
+
 @pytest.mark.parametrize(
-    "name,dtype,size",
+    "name,size",
     [
-        ("resnet50v1_sn", torch.float32, 64),
-        ("resnet18v2_sn", torch.float64, 32),  # pre-activation blocks; 32x32: 1x1 maps in layer4
+        ("resnet50v1_sn", 64),
+        ("resnet18v2_sn", 32),  # pre-activation blocks; 32x32: 1x1 maps in layer4
     ],
 )
-def test_resnet_sn_same_logits_and_gradients(name, dtype, size):
+def test_resnet_sn_fused_and_reference_are_the_same_function(name, size):
+    """float64: the same logits, loss, gradients of every parameter and running buffers, to 1e-9."""
     model = _randomised_sn_model(name, seed=60)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(62))
     target = torch.tensor([3, 7])
-    le_r, loss_r, grads_r, buf_r = _model_results(model, x, target, "reference", dtype)
-    le_f, loss_f, grads_f, buf_f = _model_results(model, x, target, "fused", dtype)
-    tol = 1e-4 if dtype == torch.float32 else 1e-9
-    assert _rel(le_f, le_r) < tol
-    assert abs(float(loss_f - loss_r)) < tol * max(1.0, abs(float(loss_r)))
-    importance = [n for n in grads_r if n.endswith(("mean_weight", "var_weight"))]
+    le_r, loss_r, grads_r, buf_r = _model_results(model, x, target, "reference", torch.float64)
+    le_f, loss_f, grads_f, buf_f = _model_results(model, x, target, "fused", torch.float64)
+    assert _rel(le_f, le_r) < 1e-9
+    assert abs(float(loss_f - loss_r)) < 1e-9 * max(1.0, abs(float(loss_r)))
     assert all(float(grads_r[n].abs().max()) > 0 for n in grads_r)  # gradients reach every layer
-    for name in grads_r:
-        if name not in importance:
-            assert _rel(grads_f[name], grads_r[name]) < tol, name
-    # the importance-weight gradients are sums of cancelling terms: in float32 each implementation is ~1e-4
-    # off float64 per layer; all of them together agree much closer
-    cat_f = torch.cat([grads_f[n] for n in importance])
-    cat_r = torch.cat([grads_r[n] for n in importance])
-    assert _rel(cat_f, cat_r) < tol
-    for name in importance:
-        assert _rel(grads_f[name], grads_r[name]) < (1e-3 if dtype == torch.float32 else tol), name
+    importance, others = _grad_errors(grads_f, grads_r)
+    assert max(importance.values()) < 1e-9 and max(others.values()) < 1e-9
     for name in buf_r:
-        torch.testing.assert_close(buf_f[name], buf_r[name], rtol=tol, atol=tol * 0.1)
+        torch.testing.assert_close(buf_f[name], buf_r[name], rtol=1e-9, atol=1e-12)
+
+
+def test_resnet50_sn_float32_fused_against_the_float64_reference():
+    """float32 fused run against the float64 reference run of the same model and input.
+
+    Measured: logits ~1e-6 off, gradients of convolutions, gammas and betas <= ~4e-6, importance weights
+    ~1e-6 typically and <= ~1e-4 in the worst layer: there the float64 gradient is a small difference of large
+    cancelling terms, and the float32 reference path lands as far off.
+    """
+    model = _randomised_sn_model("resnet50v1_sn", seed=60)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(62))
+    target = torch.tensor([3, 7])
+    le_64, loss_64, grads_64, buf_64 = _model_results(model, x, target, "reference", torch.float64)
+    le, loss, grads, buf = _model_results(model, x, target, "fused", torch.float32)
+    assert _rel(le, le_64) < 1e-5
+    assert abs(float(loss) - float(loss_64)) < 1e-5 * max(1.0, abs(float(loss_64)))
+    importance, others = _grad_errors(grads, grads_64)
+    assert max(others.values()) < 2e-5, max(others.items(), key=lambda kv: kv[1])
+    assert sorted(importance.values())[len(importance) // 2] < 1e-5  # the median layer
+    assert max(importance.values()) < 5e-4, max(importance.items(), key=lambda kv: kv[1])
+    for name in buf_64:
+        torch.testing.assert_close(buf[name].double(), buf_64[name], rtol=1e-5, atol=1e-6)
+
+
+def _fashion_mnist_batch(n: int):
+    from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_dir, read_idx
+
+    folder = fashion_mnist_dir()  # the Debian package dataset-fashion-mnist, which the Makefile installs
+    images = np.array(read_idx(next(folder.glob("t10k-images*")))[:n], dtype=np.float32) / 255
+    labels = np.array(read_idx(next(folder.glob("t10k-labels*")))[:n], dtype=np.int64)
+    x = (torch.from_numpy(images)[:, None] - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    return x, torch.from_numpy(labels)
+
+
+def test_trained_model_on_real_images_float32_gradients_match_float64():
+    """The shipped resnet20_sn (trained by snzoo) on 64 real Fashion-MNIST test images, one training step:
+    every float32 gradient of the fused path, importance weights included, within 5e-5 of float64."""
+    model = snzoo.create_model("resnet20_sn", pretrained=True)
+    x, target = _fashion_mnist_batch(64)
+    le_64, loss_64, grads_64, buf_64 = _model_results(model, x, target, "reference", torch.float64)
+    le, loss, grads, buf = _model_results(model, x, target, "fused", torch.float32)
+    assert _rel(le, le_64) < 1e-5
+    assert abs(float(loss) - float(loss_64)) < 1e-5 * max(1.0, abs(float(loss_64)))
+    importance, others = _grad_errors(grads, grads_64)
+    assert len(importance) == 2 * sum(isinstance(m, SwitchNorm2d) for m in model.modules())
+    assert max(others.values()) < 5e-5, max(others.items(), key=lambda kv: kv[1])
+    assert max(importance.values()) < 5e-5, max(importance.items(), key=lambda kv: kv[1])
+    for name in buf_64:
+        torch.testing.assert_close(buf[name].double(), buf_64[name], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ compile, trace, export
