@@ -230,6 +230,73 @@ def test_several_training_steps_then_eval_match_numpy(fused_path):
             np.testing.assert_allclose(_np(layer(x)), y_np, **TOL64)
 
 
+# ------------------------------------------------------------------------------- eval without gradients
+EVAL_LAYERS = {
+    "sn": lambda: SwitchNorm2d(6),
+    "sn_no_bn": lambda: SwitchNorm2d(6, using_bn=False),
+    "sn1d_ncl": lambda: SwitchNorm1d(6),
+    "sn3d": lambda: SwitchNorm3d(6),
+}
+EVAL_SHAPES = {"sn": (3, 6, 4, 5), "sn_no_bn": (3, 6, 4, 5), "sn1d_ncl": (3, 6, 7), "sn3d": (3, 6, 2, 3, 2)}
+
+
+def _watch_short_path(monkeypatch) -> list:
+    """Record, for every call of the eval short path, whether it produced the output (True) or declined."""
+    taken = []
+    short_path = fused._eval_forward_cpu
+
+    def spy(*args):
+        y = short_path(*args)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(fused, "_eval_forward_cpu", spy)
+    return taken
+
+
+@pytest.mark.parametrize("kind", sorted(EVAL_LAYERS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL64), (torch.float32, TOL32)])
+def test_eval_without_gradients_takes_the_short_path_and_matches_numpy(kind, dtype, tol, monkeypatch):
+    """The CPU eval path with the fewest small-tensor ops (contiguous float32 / float64 input) is the one taken,
+    and equals the float64 NumPy reference."""
+    taken = _watch_short_path(monkeypatch)
+    layer = _randomise(EVAL_LAYERS[kind](), seed=80).to(dtype).eval()
+    x = _input(EVAL_SHAPES[kind], dtype, seed=81)
+    y_np, _, _ = _numpy_step(layer, x)
+    with implementation("fused"), torch.no_grad():
+        y = layer(x)
+    assert taken == [True]
+    assert y.dtype == dtype and y.is_contiguous()
+    np.testing.assert_allclose(_np(y), y_np, **tol)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["channels_last", "bfloat16", "training", "large_mean", "single_value", "with_gradients"],
+)
+def test_eval_short_path_declines_what_it_does_not_cover(case, monkeypatch):
+    """Inputs outside the short path go the general way, and still match the reference."""
+    taken = _watch_short_path(monkeypatch)
+    layer = _randomise(SwitchNorm2d(4), seed=82).eval()
+    x = _input((2, 4, 3, 3), torch.float32, seed=83)
+    if case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "training":
+        layer.train()
+    elif case == "large_mean":
+        x = x * 1e-3 + 1e3
+    elif case == "single_value":
+        x = x[:, :, :1, :1]
+    y_np, _, _ = _numpy_step(copy.deepcopy(layer), x.float())
+    with implementation("fused"), torch.set_grad_enabled(case == "with_gradients"):
+        y = layer(x.requires_grad_(case == "with_gradients"))
+    assert True not in taken
+    tol = dict(rtol=2e-2, atol=2e-2) if case == "bfloat16" else TOL32
+    np.testing.assert_allclose(_np(y), y_np, **tol)
+
+
 # ------------------------------------------------------------------------------------------- gradcheck
 def _function(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, k, allow_fast):
     y, _, _ = fused._SwitchNormFunction.apply(

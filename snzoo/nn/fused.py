@@ -53,13 +53,16 @@ grad_bias and grad_weight with mean m and invstd 1; no temporary); x * B + C int
 allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer first (3 more passes).
 
 Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
-ops (no autograd.Function). While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it runs
+ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: the same
+passes with about a third of the small (N, C) operations (statistics in the input's dtype, probabilities as Python
+floats, no per-term stacks), which at batch 8 are a visible part of a ResNet-50's time. While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it runs
 out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
 multiply-add.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -212,8 +215,10 @@ def _group_size(n: int, ghost_batch_size: Optional[int]) -> int:
 def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv):
     """Mixed mean and variance (N, C) from the IN statistics, plus what backward and the running update need.
 
-    Returns (mu, sigma2, means, variances, group): means / variances (K, N, C) stack the statistics of the K
-    terms; group = the BN statistics (G, C) of each (ghost) batch in training with a BN term, else None.
+    Returns (mu, sigma2, means, variances, group): means / variances list the statistics of the K terms in their
+    own broadcastable shapes ((N, C) for IN and training BN, (N, 1) for LN, (1, C) for eval BN), so that no
+    (K, N, C) tensor is built unless the backward needs it; group = the BN statistics (G, C) of each (ghost)
+    batch in training with a BN term, else None.
     """
     n, c = mean_in.shape
     means, variances = [], []
@@ -235,12 +240,23 @@ def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms,
             mean_t, var_t = rm.reshape(1, c).to(mean_in.dtype), rv.reshape(1, c).to(mean_in.dtype)
         else:
             raise ValueError(f"unknown switchable-normalisation term {t!r}")
-        means.append(mean_t.expand(n, c))
-        variances.append(var_t.expand(n, c))
-    means, variances = torch.stack(means), torch.stack(variances)
-    mu = (pm.reshape(-1, 1, 1) * means).sum(0)
-    sigma2 = (pv.reshape(-1, 1, 1) * variances).sum(0)
-    return mu, sigma2, means, variances, group
+        means.append(mean_t)
+        variances.append(var_t)
+    return _mix(pm, means, mean_in), _mix(pv, variances, mean_in), means, variances, group
+
+
+def _mix(probs: Tensor, stats: list, like: Tensor) -> Tensor:
+    """sum_k probs[k] * stats[k], broadcast to like's (N, C) shape (one multiply-add per term)."""
+    weights = probs.unbind(0)
+    mixed = torch.zeros_like(like)
+    for p, stat in zip(weights, stats):
+        mixed = torch.addcmul(mixed, stat, p)
+    return mixed
+
+
+def _stacked(stats: list, n: int, c: int) -> Tensor:
+    """The per-term statistics as one (K, N, C) tensor, for the backward."""
+    return torch.stack([t.expand(n, c) for t in stats])
 
 
 # Largest mean_in^2 / (var_in + eps) for which the plain sums are accurate enough: their relative error on the
@@ -313,6 +329,57 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
     return y, group, saved
 
 
+@functools.lru_cache(maxsize=32)
+def _identity_bn_stats(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean 0, variance 1 and an empty tensor for BatchNorm's inference kernel used as a plain multiply-add."""
+    with torch.inference_mode(False):  # ordinary tensors even when first built under inference_mode
+        return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype), torch.empty(0, dtype=dtype)
+
+
+def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps) -> Optional[Tensor]:
+    """Eval forward without gradients for contiguous float32 / float64 CPU input, in as few operations on the
+    (N, C) statistics as possible: at batch 8 a torch call on such small tensors costs more than its arithmetic,
+    and a ResNet-50 layer spends about as long on them as on its data.
+
+    The statistics stay in x's dtype: their inputs, the sums, carry that precision already, and the conditioning
+    check bounds what the subtraction loses. Returns None when the check fails (the caller then takes the shifted
+    path of `_core_forward`) or when x does not fit this path.
+    """
+    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 3:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    length = x.numel() // (n * c)
+    if length < 2:
+        return None
+    v = x.view(n, c, length)
+    s1 = v.sum(2)
+    mean = s1 / length
+    var_in = torch.addcmul(torch.linalg.vector_norm(v, 2, 2).square_(), s1, mean, value=-1).div_(length - 1)
+    limit = _CONDITION_LIMIT[x.dtype]
+    if float(torch.add(mean.square(), var_in, alpha=-limit).max()) > limit * eps:
+        return None
+    mu = sigma2 = None
+    for t, pm, pv in zip(terms, mean_probs.tolist(), var_probs.tolist()):
+        if t == "in":
+            mean_t, var_t = mean, var_in
+        elif t == "ln":
+            mean_t = mean.mean(1, keepdim=True)
+            var_t = var_in.mean(1, keepdim=True) + (mean - mean_t).square().mean(1, keepdim=True)
+        else:  # "bn" in eval: the running buffers
+            mean_t, var_t = rm.reshape(1, c), rv.reshape(1, c)
+        mu = mean_t * pm if mu is None else torch.add(mu, mean_t, alpha=pm)
+        sigma2 = var_t * pv if sigma2 is None else torch.add(sigma2, var_t, alpha=pv)
+    scale = torch.rsqrt(sigma2 + eps).mul_(weight.reshape(1, c)).expand(n, c).to(x.dtype)
+    shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1).expand(n, c).to(x.dtype)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    zeros, ones, nothing = _identity_bn_stats(n * c, x.dtype)
+    torch.ops.aten.native_batch_norm.out(
+        v.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, ones, False, 0.0, 0.0,
+        out=y.view(1, n * c, length), save_mean=nothing, save_invstd=nothing,
+    )
+    return y
+
+
 class _SwitchNormFunction(torch.autograd.Function):
     """Fused SN with an analytic backward; saves x, the per-(n, c) shift and (N, C) statistics."""
 
@@ -322,6 +389,8 @@ class _SwitchNormFunction(torch.autograd.Function):
             x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast
         )
         shift, mean_in, mu, r, a, means, variances = saved
+        n, c = mean_in.shape
+        means, variances = _stacked(means, n, c), _stacked(variances, n, c)
         ctx.terms, ctx.training, ctx.k = terms, training, k
         ctx.shifted, ctx.fast_kernels = shift is not None, allow_fast
         if shift is None:
@@ -471,10 +540,14 @@ def switch_norm_fused(
         )
         group = None if mean_g is None else (mean_g, var_g)
     else:
-        y, group, _ = _core_forward(
-            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k,
-            not (needs_grad or exporting), allow_fast,
-        )
+        y = group = None
+        if allow_fast and not training and not needs_grad:
+            y = _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
+        if y is None:
+            y, group, _ = _core_forward(
+                x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k,
+                not (needs_grad or exporting), allow_fast,
+            )
     if training and use_bn:
         mean_g, var_g = group
         F_sn.update_running_stats(
