@@ -61,9 +61,9 @@ def variants() -> tuple[list[Variant], list[str]]:
     rows = [Variant("bn", "BN (torch BatchNorm2d)", "bn"), Variant("gn", "GN (torch GroupNorm)", "gn"),
             Variant("anchor", "straightforward SN (anchor)", "sn", straightforward=True)]
     notes = []
-    if not hasattr(sn_functional, "set_implementation"):
+    if not hasattr(sn_functional, "use_implementation"):
         rows.append(Variant("sn", "snzoo SN", "sn"))
-        notes.append("snzoo.nn.functional has no set_implementation: one snzoo SN row, reference and fused not told apart")
+        notes.append("snzoo.nn.functional has no use_implementation: one snzoo SN row, reference and fused not told apart")
         return rows, notes
     for name in ("reference", "fused"):
         try:
@@ -82,12 +82,8 @@ def implementation(name: Optional[str]):
     if name is None:
         yield
         return
-    previous = sn_functional.get_implementation()
-    sn_functional.set_implementation(name)
-    try:
+    with sn_functional.use_implementation(name):
         yield
-    finally:
-        sn_functional.set_implementation(previous)
 
 
 class Runner:

@@ -3,7 +3,6 @@
 Only the shape and sanity of the numbers are checked, never their size: timings depend on the machine.
 """
 
-import contextlib
 import copy
 import json
 import math
@@ -125,22 +124,8 @@ def _randomise_sn(model: torch.nn.Module, seed: int = 0) -> None:
                     module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
 
 
-@contextlib.contextmanager
-def _sn_implementation(name):
-    """snzoo's SN with implementation `name` inside the block, where snzoo offers a choice."""
-    if not hasattr(sn_functional, "set_implementation"):
-        yield
-        return
-    previous = sn_functional.get_implementation()
-    sn_functional.set_implementation(name)
-    try:
-        yield
-    finally:
-        sn_functional.set_implementation(previous)
-
-
 def _implementations():
-    return list(getattr(sn_functional, "IMPLEMENTATIONS", [None]))
+    return list(sn_functional.IMPLEMENTATIONS)
 
 
 def _model_and_anchor(name, **overrides):
@@ -171,7 +156,7 @@ def test_straightforward_swap_matches_snzoo_reference(name, size, overrides):
     assert list(anchor.state_dict()) == list(ours.state_dict())
 
     x = torch.randn(2, ours.conv1.in_channels, size, size, generator=torch.Generator().manual_seed(1))
-    with _sn_implementation("reference"):
+    with sn_functional.use_implementation("reference"):
         with torch.no_grad():
             torch.testing.assert_close(anchor.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
         out_ours, out_anchor = _train_forward(ours, x), _train_forward(anchor, x)
@@ -191,7 +176,7 @@ def test_straightforward_swap_matches_snzoo_reference(name, size, overrides):
 def test_straightforward_outputs_match_every_snzoo_implementation(implementation, name, size):
     ours, anchor = _model_and_anchor(name)
     x = torch.randn(2, ours.conv1.in_channels, size, size, generator=torch.Generator().manual_seed(1))
-    with _sn_implementation(implementation):
+    with sn_functional.use_implementation(implementation):
         with torch.no_grad():
             torch.testing.assert_close(anchor.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(_train_forward(anchor, x), _train_forward(ours, x), rtol=1e-5, atol=1e-5)
@@ -208,7 +193,7 @@ def test_straightforward_layer_matches_snzoo_layer(using_bn, spatial):
     x_anchor = x.detach().clone().requires_grad_(True)
     for training in (True, False):
         layer.train(training), anchor.train(training)
-        with _sn_implementation("reference"):
+        with sn_functional.use_implementation("reference"):
             y, y_anchor = layer(x), anchor(x_anchor)
         torch.testing.assert_close(y_anchor, y, rtol=1e-5, atol=1e-5)
         y.pow(3).sum().backward()

@@ -8,7 +8,6 @@ twice: with the CPU fast path (plain sums when well conditioned, BatchNorm kerne
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 
@@ -30,47 +29,25 @@ from snzoo.nn import (
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
+    from .sn_testing import TOL32, TOL64, randomise, terms_of as _terms, to_numpy as _np
 except ImportError:
     import reference_sn as ref
+    from sn_testing import TOL32, TOL64, randomise, terms_of as _terms, to_numpy as _np
 
-TOL64 = dict(rtol=1e-10, atol=1e-10)
-TOL32 = dict(rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def implementation(name: str):
-    previous = F_sn.set_implementation(name)
-    try:
-        yield
-    finally:
-        F_sn.set_implementation(previous)
-
-
 @pytest.fixture(params=["fast", "generic"])
 def fused_path(request, monkeypatch):
     """Run the fused implementation with the CPU fast kernels, or forced onto its generic path."""
     if request.param == "generic":
         monkeypatch.setattr(fused, "_fast_allowed", lambda x: False)
-    with implementation("fused"):
+    with F_sn.use_implementation("fused"):
         yield request.param
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy().copy()
-
-
 def _randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial gamma, beta, importance weights and running buffers, so every term matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (layer.weight, layer.bias, layer.mean_weight, layer.var_weight):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-        layer.weight.add_(1.0)
-        if layer.using_bn:
-            layer.running_mean.copy_(torch.randn(layer.running_mean.shape, generator=g, dtype=torch.float64))
-            layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
-    return layer
+    return randomise(layer, seed, buffers=True)
 
 
 def _input(shape, dtype=torch.float64, seed=0, offset=0.3):
@@ -78,12 +55,6 @@ def _input(shape, dtype=torch.float64, seed=0, offset=0.3):
     c = shape[1]
     scale = torch.linspace(0.5, 2.0, c, dtype=torch.float64).reshape((1, c) + (1,) * (len(shape) - 2))
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
-
-
-def _terms(layer) -> tuple[str, ...]:
-    if isinstance(layer, SwitchNorm1d):
-        return ("ln", "bn")
-    return ("in", "ln", "bn") if layer.using_bn else ("in", "ln")
 
 
 def _probs(layer):
@@ -112,7 +83,7 @@ def _run(layer, x, impl, grad_y):
     """Forward + backward of a copy of `layer` with implementation impl: output, gradients, buffers."""
     layer = copy.deepcopy(layer)
     x = x.detach().clone().requires_grad_(True)
-    with implementation(impl):
+    with F_sn.use_implementation(impl):
         y = layer(x)
         y.backward(grad_y.to(y.dtype))
     grads = {"x": x.grad}
@@ -263,7 +234,7 @@ def test_eval_without_gradients_takes_the_short_path_and_matches_numpy(kind, dty
     layer = _randomise(EVAL_LAYERS[kind](), seed=80).to(dtype).eval()
     x = _input(EVAL_SHAPES[kind], dtype, seed=81)
     y_np, _, _ = _numpy_step(layer, x)
-    with implementation("fused"), torch.no_grad():
+    with F_sn.use_implementation("fused"), torch.no_grad():
         y = layer(x)
     assert taken == [True]
     assert y.dtype == dtype and y.is_contiguous()
@@ -290,7 +261,7 @@ def test_eval_short_path_declines_what_it_does_not_cover(case, monkeypatch):
     elif case == "single_value":
         x = x[:, :, :1, :1]
     y_np, _, _ = _numpy_step(copy.deepcopy(layer), x.float())
-    with implementation("fused"), torch.set_grad_enabled(case == "with_gradients"):
+    with F_sn.use_implementation("fused"), torch.set_grad_enabled(case == "with_gradients"):
         y = layer(x.requires_grad_(case == "with_gradients"))
     assert True not in taken
     tol = dict(rtol=2e-2, atol=2e-2) if case == "bfloat16" else TOL32
@@ -376,7 +347,7 @@ def test_large_mean_small_spread_stays_accurate(fused_path, training, shape):
         tensors = (x32, weight, bias, mean_probs, var_probs)
         leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in tensors]
         rm, rv = (t.to(dtype) for t in running)
-        with implementation(impl):
+        with F_sn.use_implementation(impl):
             y = F_sn.switch_norm(*leaves, rm, rv, terms=F_sn.TERMS_SN, training=training, momentum=0.8, eps=1e-5)
         y.backward(grad_y.to(dtype))
         return y.detach(), [t.grad for t in leaves], rv
@@ -407,7 +378,7 @@ def test_stress_input_beats_the_float32_reference():
     y_np, _, _ = _numpy_step(layer, x)
     errors = {}
     for impl in ("reference", "fused"):
-        with implementation(impl), torch.no_grad():
+        with F_sn.use_implementation(impl), torch.no_grad():
             y = copy.deepcopy(layer)(x)
         errors[impl] = np.linalg.norm(_np(y) - y_np) / np.linalg.norm(y_np)
     assert errors["fused"] < 1e-4
@@ -425,7 +396,7 @@ def test_channels_last_inputs(fused_path, training, dtype, tol):
     assert y.is_contiguous(memory_format=torch.channels_last)
     # and the gradient w.r.t. the channels_last input
     xg = xcl.clone().requires_grad_(True)
-    with implementation("fused"):
+    with F_sn.use_implementation("fused"):
         copy.deepcopy(layer)(xg).sum().backward()
     assert torch.isfinite(xg.grad).all()
 
@@ -477,9 +448,9 @@ def test_half_module_and_input():
     """A module converted with .half() (half parameters and buffers) on half input."""
     layer = _randomise(SwitchNorm2d(4), seed=58)
     x = _input((4, 4, 3, 3), seed=59)
-    with implementation("fused"), torch.no_grad():
+    with F_sn.use_implementation("fused"), torch.no_grad():
         y_half = copy.deepcopy(layer).half()(x.half())
-    with implementation("reference"), torch.no_grad():
+    with F_sn.use_implementation("reference"), torch.no_grad():
         y_ref = copy.deepcopy(layer).half().double()(x.half().double())
     assert y_half.dtype == torch.float16
     np.testing.assert_allclose(_np(y_half), _np(y_ref), rtol=2e-3, atol=2e-3 * float(y_ref.abs().max()))
@@ -511,7 +482,7 @@ def _rel(a, b):
 
 def _model_results(model, x, target, impl, dtype):
     m = copy.deepcopy(model).to(dtype)
-    with implementation(impl):
+    with F_sn.use_implementation(impl):
         m.eval()
         with torch.no_grad():
             logits_eval = m(x.to(dtype))
@@ -621,7 +592,7 @@ def test_torch_compile_matches_eager():
     eager = copy.deepcopy(model)
     compiled = torch.compile(copy.deepcopy(model), backend="inductor")
     x = torch.randn(4, 3, 8, 8)
-    with implementation("fused"):
+    with F_sn.use_implementation("fused"):
         xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ye, yc = eager(xe), compiled(xc)
         ye.square().sum().backward()
@@ -638,7 +609,7 @@ def test_eval_trace_is_plain_fused_formula():
     """Tracing an eval model records plain ops ending in one per-(n, c) multiply-add, no autograd.Function."""
     layer = _randomise(SwitchNorm2d(4), seed=72).eval()
     x = _input((2, 4, 5, 5), torch.float32, seed=73)
-    with implementation("fused"), warnings.catch_warnings():
+    with F_sn.use_implementation("fused"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(layer, x)
         graph = str(traced.graph)
@@ -652,7 +623,7 @@ def test_eval_trace_is_plain_fused_formula():
 def test_no_grad_eval_uses_plain_ops_and_training_uses_the_function():
     layer = _randomise(SwitchNorm2d(4), seed=74)
     x = _input((2, 4, 3, 3), torch.float32, seed=75)
-    with implementation("fused"):
+    with F_sn.use_implementation("fused"):
         with torch.no_grad():
             assert layer.eval()(x).grad_fn is None
         with torch.inference_mode():
@@ -672,7 +643,7 @@ def test_saves_only_the_input_and_small_statistics():
             sizes.append(t.numel())
             return t
 
-        with implementation(impl), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with F_sn.use_implementation(impl), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             layer(x)
     full = x.numel()
     assert sum(1 for s in saved["fused"] if s >= full) == 1  # x itself
@@ -683,9 +654,9 @@ def test_saves_only_the_input_and_small_statistics():
 # ----------------------------------------------------------------------------------- the switch itself
 def test_set_and_get_implementation():
     assert F_sn.get_implementation() in F_sn.IMPLEMENTATIONS
-    with implementation("reference"):
+    with F_sn.use_implementation("reference"):
         assert F_sn.get_implementation() == "reference"
-        with implementation("fused"):
+        with F_sn.use_implementation("fused"):
             assert F_sn.get_implementation() == "fused"
         assert F_sn.get_implementation() == "reference"
     with pytest.raises(ValueError, match="unknown switch_norm implementation"):
@@ -726,5 +697,5 @@ def test_synchronised_statistics_take_the_reference_path(monkeypatch):
 def test_ghost_batch_not_dividing_raises():
     layer = SwitchNorm2d(3)
     layer.ghost_batch_size = 3
-    with implementation("fused"), pytest.raises(ValueError, match="ghost batches of 3"):
+    with F_sn.use_implementation("fused"), pytest.raises(ValueError, match="ghost batches of 3"):
         layer(torch.randn(4, 3, 2, 2))

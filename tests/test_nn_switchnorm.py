@@ -20,34 +20,13 @@ from snzoo.nn import (
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
+    from .sn_testing import TOL32, TOL64, randomise as _randomise, terms_of as _terms, to_numpy as _np
 except ImportError:
     import reference_sn as ref
-
-TOL64 = dict(rtol=1e-10, atol=1e-10)
-TOL32 = dict(rtol=1e-4, atol=1e-4)
+    from sn_testing import TOL32, TOL64, randomise as _randomise, terms_of as _terms, to_numpy as _np
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy().copy()
-
-
-def _randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial gamma, beta and importance weights, so every term of the mix matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (layer.weight, layer.bias, layer.mean_weight, layer.var_weight):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-        layer.weight.add_(1.0)
-    return layer
-
-
-def _terms(layer) -> tuple[str, ...]:
-    if isinstance(layer, SwitchNorm1d):
-        return ("ln", "bn")
-    return ("in", "ln", "bn") if layer.using_bn else ("in", "ln")
-
-
 def _ref_step(layer, x: torch.Tensor):
     """Reference output and new buffers for one forward of `layer` (its current state and mode) on x."""
     rm = _np(layer.running_mean) if layer.using_bn else None

@@ -14,8 +14,9 @@ turns the LN and BN variances into the ordinary biased variances over channels a
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -182,6 +183,16 @@ def set_implementation(name: str) -> str:
         raise ValueError(f"unknown switch_norm implementation {name!r}; choose one of {IMPLEMENTATIONS}")
     previous, _implementation = _implementation, name
     return previous
+
+
+@contextlib.contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """Run `switch_norm` with implementation `name` inside the block, then restore the previous choice."""
+    previous = set_implementation(name)
+    try:
+        yield
+    finally:
+        set_implementation(previous)
 
 
 def get_implementation() -> str:
