@@ -271,7 +271,7 @@ def test_eval_short_path_declines_what_it_does_not_cover(case, monkeypatch):
 # ------------------------------------------------------------------------------------------- gradcheck
 def _function(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, k, allow_fast):
     y, _, _ = fused._SwitchNormFunction.apply(
-        x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, 1e-5, k, allow_fast
+        x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, 1e-5, k, allow_fast, None
     )
     return y
 
@@ -675,23 +675,16 @@ def test_environment_variable_selects_the_implementation(monkeypatch):
         F_sn.implementation_from_environment()
 
 
-def test_synchronised_statistics_take_the_reference_path(monkeypatch):
-    calls = []
-    original = F_sn.switch_norm_reference
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["process_group"])
-        return original(*args, **{**kwargs, "process_group": None})
-
-    monkeypatch.setattr(F_sn, "switch_norm_reference", spy)
+def test_synchronised_statistics_and_ghost_batches_exclude_each_other():
+    """(The synchronised fused path itself runs with two gloo processes in test_nn_sync.py.)"""
     layer = _randomise(SwitchNorm2d(3), seed=78)
     mean_probs, var_probs = layer.importance_weights()
     x = _input((4, 3, 2, 2), torch.float32, seed=79)
-    fused.switch_norm_fused(
-        x, layer.weight, layer.bias, mean_probs, var_probs, layer.running_mean, layer.running_var,
-        terms=F_sn.TERMS_SN, training=True, momentum=0.9, eps=1e-5, process_group="group",
-    )
-    assert calls == ["group"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        fused.switch_norm_fused(
+            x, layer.weight, layer.bias, mean_probs, var_probs, layer.running_mean, layer.running_var,
+            terms=F_sn.TERMS_SN, training=True, momentum=0.9, eps=1e-5, ghost_batch_size=2, process_group="group",
+        )
 
 
 def test_ghost_batch_not_dividing_raises():

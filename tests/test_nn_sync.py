@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from snzoo.nn import SwitchNorm2d, SyncSwitchNorm2d, convert_sync_switchnorm, set_ghost_batch_size
+from snzoo.nn import functional as F_sn
 
 WORLD = 2
 SPLIT = (4, 4)
@@ -86,7 +87,7 @@ def _train_steps(module, inputs, targets, allreduce_grads=False):
             if allreduce_grads:
                 dist.all_reduce(g)
             grads[name] = g
-        steps.append({"y": y.detach(), "x_grad": x.grad.clone(), "grads": grads})
+        steps.append({"y": y.detach(), "x_grad": x.grad.clone(), "grads": grads, "grad_fn": type(y.grad_fn).__name__})
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     return steps, buffers
 
@@ -106,12 +107,14 @@ def _worker(rank, init_file, out_dir):
         def local(tensors, sizes):
             return [_chunks(t, sizes)[rank] for t in tensors]
 
-        # SyncSwitchNorm2d, even split, train then eval
-        layer = _sync_layer()
-        results["sync"] = _train_steps(layer, local(xs, SPLIT), local(targets, SPLIT), allreduce_grads=True)
-        layer.eval()
-        with torch.no_grad():
-            results["sync_eval"] = layer(local(xs, SPLIT)[0])
+        # SyncSwitchNorm2d, even split, train then eval; with each implementation of switch_norm
+        for impl in F_sn.IMPLEMENTATIONS:
+            with F_sn.use_implementation(impl):
+                layer = _sync_layer()
+                results[f"sync_{impl}"] = _train_steps(layer, local(xs, SPLIT), local(targets, SPLIT), allreduce_grads=True)
+                layer.eval()
+                with torch.no_grad():
+                    results[f"sync_eval_{impl}"] = layer(local(xs, SPLIT)[0])
 
         # SyncSwitchNorm2d, uneven split
         layer = _sync_layer()
@@ -172,8 +175,18 @@ def _compare_sync(rank_results, ref_results, sizes):
 
 
 # -------------------------------------------------------------------------------------------------- tests
-def test_sync_switchnorm_equals_full_batch(ranks):
-    _compare_sync([r["sync"] for r in ranks], _full_batch_reference(_randomise(SwitchNorm2d(3, momentum=0.8).double(), 1)), SPLIT)
+@pytest.mark.parametrize("impl", F_sn.IMPLEMENTATIONS)
+def test_sync_switchnorm_equals_full_batch(ranks, impl):
+    _compare_sync(
+        [r[f"sync_{impl}"] for r in ranks], _full_batch_reference(_randomise(SwitchNorm2d(3, momentum=0.8).double(), 1)), SPLIT
+    )
+
+
+def test_fused_sync_switchnorm_runs_the_fused_function(ranks):
+    """Synchronised statistics do not fall back to the reference formulas (and their memory) in the fused path."""
+    for r in ranks:
+        assert {step["grad_fn"] for step in r["sync_fused"][0]} == {"_SwitchNormFunctionBackward"}
+        assert {step["grad_fn"] for step in r["sync_reference"][0]} != {"_SwitchNormFunctionBackward"}
 
 
 def test_sync_switchnorm_uneven_split_equals_full_batch(ranks):
@@ -182,14 +195,15 @@ def test_sync_switchnorm_uneven_split_equals_full_batch(ranks):
     )
 
 
-def test_sync_switchnorm_eval_is_per_sample(ranks):
+@pytest.mark.parametrize("impl", F_sn.IMPLEMENTATIONS)
+def test_sync_switchnorm_eval_is_per_sample(ranks, impl):
     ref = _randomise(SwitchNorm2d(3, momentum=0.8).double(), 1)
     xs, targets = _data()
     _train_steps(ref, xs, targets)
     ref.eval()
     with torch.no_grad():
         expected = ref(xs[0])
-    torch.testing.assert_close(torch.cat([r["sync_eval"] for r in ranks]), expected, **TOL)
+    torch.testing.assert_close(torch.cat([r[f"sync_eval_{impl}"] for r in ranks]), expected, **TOL)
 
 
 def test_convert_sync_switchnorm_model_equals_full_batch(ranks):

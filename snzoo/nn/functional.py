@@ -219,9 +219,9 @@ def switch_norm(
 ) -> Tensor:
     """Switchable normalisation of x (N, C, *spatial); arguments and results as `switch_norm_reference`.
 
-    Runs the implementation chosen by `set_implementation` (default "fused": `snzoo.nn.fused.switch_norm_fused`,
-    which itself takes the reference path for synchronised statistics). Both give the same outputs, gradients
-    and running-buffer updates up to rounding.
+    Runs the implementation chosen by `set_implementation` / `use_implementation` (default "fused":
+    `snzoo.nn.fused.switch_norm_fused`). Both give the same outputs, gradients and running-buffer updates up to
+    rounding, synchronised statistics included.
     """
     if _implementation == "fused":
         from snzoo.nn.fused import switch_norm_fused

@@ -1,8 +1,9 @@
 """The fast path of switchable normalisation: few full-size passes, an analytic backward, BatchNorm-like memory.
 
 The statistics are those of `snzoo.nn.functional` (unbiased IN variance; LN and BN variances built from it as
-E[var_in + mean_in^2] - mean^2; L == 1 -> IN variance 0; ghost batches; running-buffer updates through
-`functional.update_running_stats`); only the way they are computed differs. x is viewed as (N, C, L), or as
+E[var_in + mean_in^2] - mean^2; L == 1 -> IN variance 0; ghost batches; BN statistics synchronised over a
+process group (one all_gather of per-rank count, mean and squared deviations, combined without cancellation);
+running-buffer updates through `functional.update_running_stats`); only the way they are computed differs. x is viewed as (N, C, L), or as
 (N, L, C) without a copy when the channels are innermost (channels_last).
 
 Forward
@@ -38,8 +39,9 @@ mu = sum_k pm_k mean_k, sigma2 = sum_k pv_k var_k) and g = dL/dy:
 - dbias = sum_N S1, dweight = sum_N r * T, dmu = -a * S1, dsigma2 = -weight * T * r^3 / 2;
 - dpm_k = sum_NC dmu * mean_k, dpv_k = sum_NC dsigma2 * var_k (autograd takes them on through softmax or
   sparsestmax to the raw importance weights);
-- back to the IN statistics through the mixing (G: the samples of the batch or ghost batch; in eval the BN term
-  is the running buffers, constants):
+- back to the IN statistics through the mixing (G: the samples of the batch or ghost batch, or of every rank
+  with synchronised statistics, where the mean over G is one all_reduce; in eval the BN term is the running
+  buffers, constants):
   dmean_in = pm_in dmu + mean_C(pm_ln dmu) + mean_G(pm_bn dmu)
              + 2 (mean_in - mean_ln) mean_C(pv_ln dsigma2) + 2 (mean_in - mean_bn) mean_G(pv_bn dsigma2),
   dvar_in = pv_in dsigma2 + mean_C(pv_ln dsigma2) + mean_G(pv_bn dsigma2);
@@ -212,13 +214,14 @@ def _group_size(n: int, ghost_batch_size: Optional[int]) -> int:
     return ghost_batch_size
 
 
-def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv):
+def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv, pg=None):
     """Mixed mean and variance (N, C) from the IN statistics, plus what backward and the running update need.
 
     Returns (mu, sigma2, means, variances, group): means / variances list the statistics of the K terms in their
     own broadcastable shapes ((N, C) for IN and training BN, (N, 1) for LN, (1, C) for eval BN), so that no
     (K, N, C) tensor is built unless the backward needs it; group = the BN statistics (G, C) of each (ghost)
-    batch in training with a BN term, else None.
+    batch in training with a BN term, else None. With a process group pg the BN statistics are those of the
+    samples of every rank (then G = 1).
     """
     n, c = mean_in.shape
     means, variances = [], []
@@ -229,6 +232,9 @@ def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms,
         elif t == "ln":
             mean_t = mean_in.mean(1, keepdim=True)
             var_t = var_in.mean(1, keepdim=True) + (mean_in - mean_t).square().mean(1, keepdim=True)
+        elif t == "bn" and training and pg is not None:
+            mean_t, var_t = _synchronised_bn_stats(mean_in, var_in, pg)
+            group = (mean_t, var_t)
         elif t == "bn" and training:
             g = n // k
             mi = mean_in.reshape(g, k, c)
@@ -243,6 +249,28 @@ def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms,
         means.append(mean_t)
         variances.append(var_t)
     return _mix(pm, means, mean_in), _mix(pv, variances, mean_in), means, variances, group
+
+
+def _synchronised_bn_stats(mean_in: Tensor, var_in: Tensor, pg) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and variance (1, C) over the samples of every rank of process group pg.
+
+    Each rank contributes its count, mean and sum of squared deviations; one all_gather, then Chan's parallel
+    combination, so that nothing cancels (the same values as E[x^2] - mean^2, without its rounding).
+    """
+    import torch.distributed as dist
+
+    n, c = mean_in.shape
+    local_mean = mean_in.mean(0)
+    local_m2 = (var_in + (mean_in - local_mean).square()).sum(0)
+    packed = torch.cat([mean_in.new_full((1,), float(n)), local_mean, local_m2])
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(gathered, packed, group=pg)
+    table = torch.stack(gathered)
+    counts, means, m2 = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (m2 + counts * (means - mean).square()).sum(0) / total
+    return mean.reshape(1, c), var.reshape(1, c)
 
 
 def _mix(probs: Tensor, stats: list, like: Tensor) -> Tensor:
@@ -295,7 +323,8 @@ def _instance_moments(v: Tensor, lay: _Layout, sd, eps: float, allow_fast: bool,
     return lay.unstat(shift).to(sd) + mean_d, css_d / (length - 1), shift, d
 
 
-def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, inplace, allow_fast):
+def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, inplace, allow_fast,
+                  pg=None):
     """The fused forward. Returns y, the per-group BN statistics (or None) and what the backward needs."""
     lay = _Layout(x)
     c = lay.c
@@ -309,7 +338,7 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
     mean_in, var_in, shift, d = _instance_moments(v, lay, sd, eps, allow_fast, y3)
 
     pm, pv = mean_probs.to(sd), var_probs.to(sd)
-    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv)
+    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
     r = torch.rsqrt(sigma2 + eps)
     w, b = weight.reshape(1, c).to(sd), bias.reshape(1, c).to(sd)
     a = w * r
@@ -384,14 +413,14 @@ class _SwitchNormFunction(torch.autograd.Function):
     """Fused SN with an analytic backward; saves x, the per-(n, c) shift and (N, C) statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast):
+    def forward(ctx, x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast, pg):
         y, group, saved = _core_forward(
-            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast
+            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast, pg
         )
         shift, mean_in, mu, r, a, means, variances = saved
         n, c = mean_in.shape
         means, variances = _stacked(means, n, c), _stacked(variances, n, c)
-        ctx.terms, ctx.training, ctx.k = terms, training, k
+        ctx.terms, ctx.training, ctx.k, ctx.pg = terms, training, k, pg
         ctx.shifted, ctx.fast_kernels = shift is not None, allow_fast
         if shift is None:
             shift = mean_in.new_zeros(())
@@ -446,6 +475,11 @@ class _SwitchNormFunction(torch.autograd.Function):
                     gm, gv = gm.mean(1, keepdim=True), gv.mean(1, keepdim=True)
                     d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
                     d_var_in = d_var_in + gv
+                elif t == "bn" and training and ctx.pg is not None:
+                    # mean_bn and var_bn average over the samples of every rank: so do their gradients
+                    gm, gv = _all_ranks_mean(torch.stack([gm.sum(0), gv.sum(0)]), n, ctx.pg).unbind(0)
+                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
+                    d_var_in = d_var_in + gv
                 elif t == "bn" and training:
                     groups = n // k
                     gm = gm.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
@@ -479,8 +513,27 @@ class _SwitchNormFunction(torch.autograd.Function):
             _as(grad_bias, bias),
             _as(grad_pm, mean_probs),
             _as(grad_pv, var_probs),
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
+
+
+def _all_ranks_mean(local_sums: Tensor, count: int, pg) -> Tensor:
+    """Sums over the local samples (any shape), summed over every rank of pg and divided by the number of samples
+    of all ranks: one all_reduce."""
+    import torch.distributed as dist
+
+    packed = torch.cat([local_sums.reshape(-1), local_sums.new_full((1,), float(count))])
+    dist.all_reduce(packed, group=pg)
+    return (packed[:-1] / packed[-1]).reshape(local_sums.shape)
+
+
+def _process_group(process_group: Optional[object]):
+    """The torch.distributed group to synchronise over (True: the default group), or None."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    return dist.group.WORLD if process_group is True else process_group
 
 
 def _exporting() -> bool:
@@ -512,12 +565,13 @@ def switch_norm_fused(
 ) -> Tensor:
     """`functional.switch_norm` computed the fast way (same arguments, same results and buffer updates).
 
-    Synchronised statistics (process_group), inputs of fewer than 3 dimensions and empty inputs take the
-    reference implementation.
+    With a process group the BN statistics are those of every rank's samples (one all_gather in the forward, one
+    all_reduce in the backward). Inputs of fewer than 3 dimensions and empty inputs take the reference
+    implementation.
     """
     from snzoo.nn import functional as F_sn
 
-    if process_group is not None or x.dim() < 3 or x.numel() == 0:
+    if x.dim() < 3 or x.numel() == 0:
         return F_sn.switch_norm_reference(
             x, weight, bias, mean_probs, var_probs, running_mean, running_var, terms=terms, training=training,
             momentum=momentum, eps=eps, using_moving_average=using_moving_average,
@@ -525,6 +579,9 @@ def switch_norm_fused(
         )
     terms = tuple(terms)
     use_bn = "bn" in terms
+    pg = _process_group(process_group) if (training and use_bn) else None
+    if pg is not None and ghost_batch_size is not None:
+        raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
     k = _group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
     rm = None if training or not use_bn else running_mean
     rv = None if training or not use_bn else running_var
@@ -536,7 +593,7 @@ def switch_norm_fused(
     exporting = _exporting()
     if needs_grad and not exporting:
         y, mean_g, var_g = _SwitchNormFunction.apply(
-            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast
+            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast, pg
         )
         group = None if mean_g is None else (mean_g, var_g)
     else:
@@ -546,7 +603,7 @@ def switch_norm_fused(
         if y is None:
             y, group, _ = _core_forward(
                 x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k,
-                not (needs_grad or exporting), allow_fast,
+                not (needs_grad or exporting), allow_fast, pg,
             )
     if training and use_bn:
         mean_g, var_g = group
