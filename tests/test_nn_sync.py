@@ -87,7 +87,9 @@ def _train_steps(module, inputs, targets, allreduce_grads=False):
             if allreduce_grads:
                 dist.all_reduce(g)
             grads[name] = g
-        steps.append({"y": y.detach(), "x_grad": x.grad.clone(), "grads": grads, "grad_fn": type(y.grad_fn).__name__})
+        steps.append(
+            {"y": y.detach(), "x_grad": x.grad.clone(), "grads": grads, "grad_fn": type(y.grad_fn).__name__}
+        )
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     return steps, buffers
 
@@ -111,7 +113,9 @@ def _worker(rank, init_file, out_dir):
         for impl in F_sn.IMPLEMENTATIONS:
             with F_sn.use_implementation(impl):
                 layer = _sync_layer()
-                results[f"sync_{impl}"] = _train_steps(layer, local(xs, SPLIT), local(targets, SPLIT), allreduce_grads=True)
+                results[f"sync_{impl}"] = _train_steps(
+                    layer, local(xs, SPLIT), local(targets, SPLIT), allreduce_grads=True
+                )
                 layer.eval()
                 with torch.no_grad():
                     results[f"sync_eval_{impl}"] = layer(local(xs, SPLIT)[0])
@@ -177,9 +181,8 @@ def _compare_sync(rank_results, ref_results, sizes):
 # -------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("impl", F_sn.IMPLEMENTATIONS)
 def test_sync_switchnorm_equals_full_batch(ranks, impl):
-    _compare_sync(
-        [r[f"sync_{impl}"] for r in ranks], _full_batch_reference(_randomise(SwitchNorm2d(3, momentum=0.8).double(), 1)), SPLIT
-    )
+    reference = _full_batch_reference(_randomise(SwitchNorm2d(3, momentum=0.8).double(), 1))
+    _compare_sync([r[f"sync_{impl}"] for r in ranks], reference, SPLIT)
 
 
 def test_fused_sync_switchnorm_runs_the_fused_function(ranks):

@@ -3,8 +3,8 @@
 The statistics are those of `snzoo.nn.functional` (unbiased IN variance; LN and BN variances built from it as
 E[var_in + mean_in^2] - mean^2; L == 1 -> IN variance 0; ghost batches; BN statistics synchronised over a
 process group (one all_gather of per-rank count, mean and squared deviations, combined without cancellation);
-running-buffer updates through `functional.update_running_stats`); only the way they are computed differs. x is viewed as (N, C, L), or as
-(N, L, C) without a copy when the channels are innermost (channels_last).
+running-buffer updates through `functional.update_running_stats`); only the way they are computed differs.
+x is viewed as (N, C, L), or as (N, L, C) without a copy when the channels are innermost (channels_last).
 
 Forward
 -------
@@ -57,9 +57,9 @@ allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer f
 Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
 ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: the same
 passes with about a third of the small (N, C) operations (statistics in the input's dtype, probabilities as Python
-floats, no per-term stacks), which at batch 8 are a visible part of a ResNet-50's time. While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it runs
-out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
-multiply-add.
+floats, no per-term stacks), which at batch 8 are a visible part of a ResNet-50's time. While tracing or exporting
+(torch.jit.trace, torch.onnx.export, torch.export) it runs out of place with addcmul, so the exported graph is the
+fused formula: per-(n, c) scale and shift, one multiply-add.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -257,8 +258,6 @@ def _synchronised_bn_stats(mean_in: Tensor, var_in: Tensor, pg) -> tuple[Tensor,
     Each rank contributes its count, mean and sum of squared deviations; one all_gather, then Chan's parallel
     combination, so that nothing cancels (the same values as E[x^2] - mean^2, without its rounding).
     """
-    import torch.distributed as dist
-
     n, c = mean_in.shape
     local_mean = mean_in.mean(0)
     local_m2 = (var_in + (mean_in - local_mean).square()).sum(0)
@@ -520,8 +519,6 @@ class _SwitchNormFunction(torch.autograd.Function):
 def _all_ranks_mean(local_sums: Tensor, count: int, pg) -> Tensor:
     """Sums over the local samples (any shape), summed over every rank of pg and divided by the number of samples
     of all ranks: one all_reduce."""
-    import torch.distributed as dist
-
     packed = torch.cat([local_sums.reshape(-1), local_sums.new_full((1,), float(count))])
     dist.all_reduce(packed, group=pg)
     return (packed[:-1] / packed[-1]).reshape(local_sums.shape)
@@ -531,8 +528,6 @@ def _process_group(process_group: Optional[object]):
     """The torch.distributed group to synchronise over (True: the default group), or None."""
     if process_group is None:
         return None
-    import torch.distributed as dist
-
     return dist.group.WORLD if process_group is True else process_group
 
 
@@ -566,8 +561,8 @@ def switch_norm_fused(
     """`functional.switch_norm` computed the fast way (same arguments, same results and buffer updates).
 
     With a process group the BN statistics are those of every rank's samples (one all_gather in the forward, one
-    all_reduce in the backward). Inputs of fewer than 3 dimensions and empty inputs take the reference
-    implementation.
+    all_reduce in the backward; every rank needs a non-empty batch, as with DDP's drop_last). Inputs of fewer
+    than 3 dimensions and empty inputs take the reference implementation.
     """
     from snzoo.nn import functional as F_sn
 
