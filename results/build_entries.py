@@ -10,7 +10,8 @@ For every run directory (each holds ARCH.TAG.safetensors and entry.json from `sn
 - copies the run's metrics log to results/logs/.
 Runs of the same entry with other seeds (`--name` ending in `_seedK` is not used; pass them with --spread) only
 contribute to the run-to-run spread in results/grid.csv.
-Then writes results/grid.csv, results/grid.png (top-1 against per-device batch, a line per norm) and
+Then writes results/grid.csv and results/grid.png (top-1 against per-device batch, a line per norm) from every
+entry trained here (the manifest's `package:` entries; with no RUN_DIR it only redraws them), and
 results/importance.png (the learned IN / LN / BN weights of the default SN entry).
 """
 
@@ -20,7 +21,6 @@ import argparse
 import csv
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -64,12 +64,22 @@ def install(run_dir: Path, subset: int) -> tuple[str, dict]:
     return name, entry
 
 
-def set_defaults(names: list[str], defaults: dict[str, str]) -> None:
+def set_defaults(names: list[str], chosen: dict[str, str]) -> dict[str, str]:
+    """Mark the chosen entries as their architecture's default; an architecture that has no default yet gets
+    its first new entry. Returns the default of every architecture touched."""
     manifest = json.loads(MANIFEST.read_text())
+    entries = manifest["entries"]
+    defaults = {}
     for name in names:
         arch = name.split(".")[0]
-        manifest["entries"][name]["default"] = defaults.get(arch) == name
+        current = next((n for n, e in entries.items() if n.split(".")[0] == arch and e.get("default")), None)
+        defaults[arch] = chosen.get(arch) or current or name
+    for name, entry in entries.items():
+        arch = name.split(".")[0]
+        if arch in defaults:
+            entry["default"] = defaults[arch] == name
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+    return defaults
 
 
 def record_metrics(name: str, full: dict, part: dict, subset: int) -> None:
@@ -82,36 +92,44 @@ def record_metrics(name: str, full: dict, part: dict, subset: int) -> None:
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def shipped_rows() -> list[dict]:
+    """One grid row per entry trained here (a `package:` source, Fashion-MNIST metrics), from the manifest; the
+    run-to-run spread of earlier grids is kept."""
+    grid = REPO / "results" / "grid.csv"
+    earlier = {r["entry"]: r for r in csv.DictReader(grid.open())} if grid.exists() else {}
+    rows = []
+    for name, entry in json.loads(MANIFEST.read_text())["entries"].items():
+        full = entry.get("metrics", {}).get("fashion-mnist-test")
+        if entry["sources"][0]["kind"] != "package" or full is None:
+            continue
+        batch = entry["recipe"]["batch"]
+        old = earlier.get(name, {})
+        rows.append({"entry": name, "norm": entry["norm"]["type"], "devices": batch["devices"],
+                     "per_device": batch["per_device"], "top1": full["top1"], "top5": full["top5"],
+                     "seeds": int(old.get("seeds") or 1), "top1_spread": old.get("top1_spread", "")})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--spread", nargs="*", type=Path, default=[], help="Extra-seed runs of an entry.")
     parser.add_argument("--subset", type=int, default=2000)
     parser.add_argument("--default", action="append", default=[], help="ARCH.TAG to mark as its architecture's default.")
     args = parser.parse_args()
     names = [install(run, args.subset)[0] for run in args.runs]
-    defaults = {d.split(".")[0]: d for d in args.default}
-    for name in names:  # an architecture without a chosen default gets its first entry
-        defaults.setdefault(name.split(".")[0], name)
-    set_defaults(names, defaults)
-    rows = []
+    defaults = set_defaults(names, {d.split(".")[0]: d for d in args.default})
     for name in names:
-        full, part = measure(name, None), measure(name, args.subset)
-        record_metrics(name, full, part, args.subset)
-        entry = json.loads(MANIFEST.read_text())["entries"][name]
-        batch = entry["recipe"]["batch"]
-        rows.append({"entry": name, "norm": entry["norm"]["type"], "devices": batch["devices"],
-                     "per_device": batch["per_device"], "top1": round(full["top1"], 2), "top5": round(full["top5"], 2),
-                     "seeds": 1, "top1_spread": ""})
+        record_metrics(name, measure(name, None), measure(name, args.subset), args.subset)
+    rows = shipped_rows()
     for run in args.spread:
         summary = json.loads((run / "summary.json").read_text())
         seed = json.loads((run / "recipe.json").read_text())["run"]["seed"]
-        name = json.loads((run / "entry.json").read_text())["entries"]
-        (entry_name,) = name
+        (entry_name,) = json.loads((run / "entry.json").read_text())["entries"]
         row = next(r for r in rows if r["entry"] == entry_name)
-        values = [row["top1"], round(summary["val"]["top1"], 2)]
-        row.update(seeds=row["seeds"] + 1, top1_spread=f"{min(values):.2f}-{max(values):.2f} (seed {seed}: {values[1]:.2f}, "
-                   f"stdev {statistics.stdev(values):.2f})")
+        other = round(summary["val"]["top1"], 2)
+        row.update(seeds=row["seeds"] + 1, top1_spread=f"seed 0: {row['top1']:.2f}, seed {seed}: {other:.2f} "
+                   f"(difference {abs(other - row['top1']):.2f})")
     write_grid(rows)
     write_importance(defaults)
 

@@ -243,7 +243,7 @@ def test_list_models_pretrained():
     # The pattern matches the architecture as well as the full entry name.
     assert zoo.list_models("resnet50v1_sn", pretrained=True) == sorted(
         n for n in PUBLISHED if n.startswith("resnet50v1_sn."))
-    assert zoo.list_models("*8x4*", pretrained=True) == [
+    assert zoo.list_models("*.in1k_8x4*", pretrained=True) == [
         "resnet50v1_sn.in1k_8x4_step100", "resnet50v1_ssn.in1k_8x4_step100"]
     assert zoo.list_models("*cos120", pretrained=True) == sorted(n for n in PUBLISHED if n.endswith("cos120"))
     assert zoo.list_models("resnet18*", pretrained=True) == []
