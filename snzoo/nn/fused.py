@@ -124,6 +124,13 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
+@functools.lru_cache(maxsize=32)
+def _identity_bn_stats(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean 0, variance 1 and an empty tensor for BatchNorm's inference kernel used as a plain multiply-add."""
+    with torch.inference_mode(False):  # ordinary tensors even when first built under inference_mode
+        return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype), torch.empty(0, dtype=dtype)
+
+
 def _moments(t: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and sum of squared deviations of the 3-D view t, as (N, C) tensors in the stats dtype.
 
@@ -164,10 +171,10 @@ def _centred_grad_sums(g: Tensor, v: Tensor, centre: Tensor, lay: _Layout, sd: t
             nc, length = lay.n * lay.c, lay.length
             _, dot, s1 = torch.ops.aten.native_batch_norm_backward(
                 g.view(1, nc, length), v.view(1, nc, length), None, None, None, centre.reshape(nc),
-                torch.ones(nc, dtype=v.dtype, device=v.device), True, 0.0, [False, True, True],
+                _identity_bn_stats(nc, v.dtype)[1], True, 0.0, [False, True, True],
             )
         else:  # one call per sample, each a (1, C, L, 1) channels_last tensor
-            ones = torch.ones(lay.c, dtype=v.dtype, device=v.device)
+            ones = _identity_bn_stats(lay.c, v.dtype)[1]
             sums = [
                 torch.ops.aten.native_batch_norm_backward(
                     g[i].t()[None, :, :, None], v[i].t()[None, :, :, None], None, None, None, centre[i].reshape(-1),
@@ -194,10 +201,10 @@ def _affine(base: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor], f
         return torch.addcmul(shift, base, scale)
     if fast_kernels and base.dim() == 3 and shift.shape[-1] == 1 and base.is_contiguous() and out.is_contiguous():
         n, c, length = base.shape
-        zeros = base.new_zeros(n * c)
+        zeros, ones, nothing = _identity_bn_stats(n * c, base.dtype)
         torch.ops.aten.native_batch_norm.out(
-            base.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, torch.ones_like(zeros),
-            False, 0.0, 0.0, out=out.view(1, n * c, length), save_mean=base.new_empty(0), save_invstd=base.new_empty(0),
+            base.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, ones, False, 0.0, 0.0,
+            out=out.view(1, n * c, length), save_mean=nothing, save_invstd=nothing,
         )
         return out
     return torch.addcmul(shift, base, scale, out=out)
@@ -231,16 +238,13 @@ def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms,
         if t == "in":
             mean_t, var_t = mean_in, var_in
         elif t == "ln":
-            mean_t = mean_in.mean(1, keepdim=True)
-            var_t = var_in.mean(1, keepdim=True) + (mean_in - mean_t).square().mean(1, keepdim=True)
+            mean_t, var_t = _pooled(mean_in, var_in, 1)
         elif t == "bn" and training and pg is not None:
             mean_t, var_t = _synchronised_bn_stats(mean_in, var_in, pg)
             group = (mean_t, var_t)
         elif t == "bn" and training:
             g = n // k
-            mi = mean_in.reshape(g, k, c)
-            mean_g = mi.mean(1, keepdim=True)
-            var_g = var_in.reshape(g, k, c).mean(1, keepdim=True) + (mi - mean_g).square().mean(1, keepdim=True)
+            mean_g, var_g = _pooled(mean_in.reshape(g, k, c), var_in.reshape(g, k, c), 1)
             group = (mean_g.reshape(g, c), var_g.reshape(g, c))
             mean_t, var_t = mean_g.expand(g, k, c).reshape(n, c), var_g.expand(g, k, c).reshape(n, c)
         elif t == "bn":
@@ -250,6 +254,13 @@ def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms,
         means.append(mean_t)
         variances.append(var_t)
     return _mix(pm, means, mean_in), _mix(pv, variances, mean_in), means, variances, group
+
+
+def _pooled(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the groups whose per-group statistics are pooled along dim (kept), in the
+    cancellation-free form mean(var) + mean((mean - pooled mean)^2)."""
+    pooled = mean.mean(dim, keepdim=True)
+    return pooled, var.mean(dim, keepdim=True) + (mean - pooled).square().mean(dim, keepdim=True)
 
 
 def _synchronised_bn_stats(mean_in: Tensor, var_in: Tensor, pg) -> tuple[Tensor, Tensor]:
@@ -291,6 +302,12 @@ def _stacked(stats: list, n: int, c: int) -> Tensor:
 _CONDITION_LIMIT = {torch.float32: 64.0, torch.float64: 1e4}
 
 
+def _well_conditioned(mean: Tensor, var_in: Tensor, eps: float, dtype: torch.dtype) -> bool:
+    """True unless some (n, c) has mean^2 > limit * (var + eps), where the plain sums lose too much."""
+    limit = _CONDITION_LIMIT[dtype]
+    return not float(torch.add(mean.square(), var_in, alpha=-limit).max()) > limit * eps
+
+
 def _fast_allowed(x: Tensor) -> bool:
     """Plain moments with a host-side conditioning check, and BatchNorm's CPU kernels: CPU eager mode only."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64, *_HALF) or _exporting():
@@ -314,7 +331,7 @@ def _instance_moments(v: Tensor, lay: _Layout, sd, eps: float, allow_fast: bool,
     mean, css = _moments(v, lay, sd, allow_fast)
     if allow_fast:
         var_in = css / (length - 1)
-        if not bool((mean.square() > _CONDITION_LIMIT[v.dtype] * (var_in + eps)).any()):
+        if _well_conditioned(mean, var_in, eps, v.dtype):
             return mean, var_in, None, None
     shift = lay.stat(mean.detach().to(v.dtype))  # y does not depend on the shift: no gradient through it
     d = torch.sub(v, shift, out=out) if out is not None else v - shift
@@ -357,13 +374,6 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
     return y, group, saved
 
 
-@functools.lru_cache(maxsize=32)
-def _identity_bn_stats(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean 0, variance 1 and an empty tensor for BatchNorm's inference kernel used as a plain multiply-add."""
-    with torch.inference_mode(False):  # ordinary tensors even when first built under inference_mode
-        return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype), torch.empty(0, dtype=dtype)
-
-
 def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps) -> Optional[Tensor]:
     """Eval forward without gradients for contiguous float32 / float64 CPU input, in as few operations on the
     (N, C) statistics as possible: at batch 8 a torch call on such small tensors costs more than its arithmetic,
@@ -379,20 +389,18 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     length = x.numel() // (n * c)
     if length < 2:
         return None
-    v = x.view(n, c, length)
-    s1 = v.sum(2)
-    mean = s1 / length
-    var_in = torch.addcmul(torch.linalg.vector_norm(v, 2, 2).square_(), s1, mean, value=-1).div_(length - 1)
-    limit = _CONDITION_LIMIT[x.dtype]
-    if float(torch.add(mean.square(), var_in, alpha=-limit).max()) > limit * eps:
+    lay = _Layout(x)
+    v = lay.view3(x)
+    mean, css = _moments(v, lay, x.dtype, True)
+    var_in = css / (length - 1)
+    if not _well_conditioned(mean, var_in, eps, x.dtype):
         return None
     mu = sigma2 = None
     for t, pm, pv in zip(terms, mean_probs.tolist(), var_probs.tolist()):
         if t == "in":
             mean_t, var_t = mean, var_in
         elif t == "ln":
-            mean_t = mean.mean(1, keepdim=True)
-            var_t = var_in.mean(1, keepdim=True) + (mean - mean_t).square().mean(1, keepdim=True)
+            mean_t, var_t = _pooled(mean, var_in, 1)
         else:  # "bn" in eval: the running buffers
             mean_t, var_t = rm.reshape(1, c), rv.reshape(1, c)
         mu = mean_t * pm if mu is None else torch.add(mu, mean_t, alpha=pm)
@@ -400,11 +408,7 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     scale = torch.rsqrt(sigma2 + eps).mul_(weight.reshape(1, c)).expand(n, c).to(x.dtype)
     shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1).expand(n, c).to(x.dtype)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    zeros, ones, nothing = _identity_bn_stats(n * c, x.dtype)
-    torch.ops.aten.native_batch_norm.out(
-        v.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, ones, False, 0.0, 0.0,
-        out=y.view(1, n * c, length), save_mean=nothing, save_invstd=nothing,
-    )
+    _affine(v, scale.reshape(n, c, 1), shift.reshape(n, c, 1), y.view(n, c, length), True)
     return y
 
 
