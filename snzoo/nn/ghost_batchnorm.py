@@ -33,12 +33,17 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         grouped = x.reshape(groups, k, c, *spatial).transpose(0, 1).reshape(k, groups * c, *spatial)
         weight = self.weight.repeat(groups) if self.affine else None
         bias = self.bias.repeat(groups) if self.affine else None
-        y = F.batch_norm(grouped, None, None, weight, bias, True, 0.0, self.eps)
+        # Per-group batch statistics come out of the same batch_norm call: with momentum 1 its running buffers
+        # (one per group and channel) are set to them, the variance unbiased as torch's running variance is.
+        group_mean = group_var = None
+        if self.track_running_stats:
+            group_mean = self.running_mean.new_zeros(groups * c)
+            group_var = self.running_var.new_ones(groups * c)
+        y = F.batch_norm(grouped, group_mean, group_var, weight, bias, True, 1.0, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
-                var, mean = torch.var_mean(grouped.float(), dim=[0, *range(2, grouped.dim())], correction=1)
                 momentum = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean.view(groups, c).mean(0))
-                self.running_var.mul_(1 - momentum).add_(momentum * var.view(groups, c).mean(0))
+                self.running_mean.mul_(1 - momentum).add_(momentum * group_mean.view(groups, c).mean(0))
+                self.running_var.mul_(1 - momentum).add_(momentum * group_var.view(groups, c).mean(0))
                 self.num_batches_tracked.add_(1)
         return y.reshape(k, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
