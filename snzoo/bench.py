@@ -18,20 +18,13 @@ import torch
 from torch import nn
 
 from snzoo.errors import SnzooError
+from snzoo.nn.functional import get_implementation
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 class BenchmarkError(SnzooError, ValueError):
     """Benchmark settings that cannot run here (a device that is absent, a bad size or dtype)."""
-
-
-def sn_implementation() -> Optional[str]:
-    """The SN implementation in use (snzoo.nn.functional.get_implementation), or None where there is no choice."""
-    from snzoo.nn import functional
-
-    get = getattr(functional, "get_implementation", None)
-    return get() if get is not None else None
 
 
 def benchmark_model(
@@ -114,7 +107,7 @@ def benchmark_model(
         "warmup": warmup,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "sn_implementation": sn_implementation(),
+        "sn_implementation": get_implementation(),
     }
 
 
