@@ -474,22 +474,23 @@ class _SwitchNormFunction(torch.autograd.Function):
                 if t == "in":
                     d_mean_in = d_mean_in + gm
                     d_var_in = d_var_in + gv
-                elif t == "ln":
+                    continue
+                if t == "ln":
                     gm, gv = gm.mean(1, keepdim=True), gv.mean(1, keepdim=True)
-                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
-                    d_var_in = d_var_in + gv
                 elif t == "bn" and training and ctx.pg is not None:
                     # mean_bn and var_bn average over the samples of every rank: so do their gradients
                     gm, gv = _all_ranks_mean(torch.stack([gm.sum(0), gv.sum(0)]), n, ctx.pg).unbind(0)
-                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
-                    d_var_in = d_var_in + gv
                 elif t == "bn" and training:
                     groups = n // k
-                    gm = gm.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
-                    gv = gv.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
-                    d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
-                    d_var_in = d_var_in + gv
-                # eval "bn": the running buffers, constants
+                    gm, gv = (
+                        grad.reshape(groups, k, c).mean(1, keepdim=True).expand(groups, k, c).reshape(n, c)
+                        for grad in (gm, gv)
+                    )
+                else:  # eval "bn": the running buffers, constants
+                    continue
+                # a pooled term: mean = mean of mean_in, var = mean of var_in + (mean_in - mean)^2
+                d_mean_in = d_mean_in + gm + 2 * (mean_in - means[i]) * gv
+                d_var_in = d_var_in + gv
             d_mean_in = d_mean_in + torch.zeros_like(mean_in)  # terms without IN broadcast from (N, 1)
             # dx = g * a + dmean_in / L + dvar_in * 2 (x - mean_in) / (L - 1) = g * a + base * B + C
             if length > 1:
