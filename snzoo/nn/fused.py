@@ -150,11 +150,11 @@ def _moments(t: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool) -> tu
         return mean, torch.stack(variances).to(sd) * length
     s1 = lay.unstat(t.sum(red, keepdim=True)).to(sd)
     if red == t.dim() - 1:
-        s2 = torch.linalg.vector_norm(t, 2, dim=red, keepdim=True).square()
+        s2 = torch.linalg.vector_norm(t, 2, dim=red, keepdim=True).square_()
     else:
         s2 = (t * t).sum(red, keepdim=True)
     mean = s1 / length
-    return mean, lay.unstat(s2).to(sd) - s1 * mean
+    return mean, lay.unstat(s2).to(sd).addcmul_(s1, mean, value=-1)
 
 
 def _centred_grad_sums(g: Tensor, v: Tensor, centre: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool,
@@ -304,8 +304,8 @@ _CONDITION_LIMIT = {torch.float32: 64.0, torch.float64: 1e4}
 
 def _well_conditioned(mean: Tensor, var_in: Tensor, eps: float, dtype: torch.dtype) -> bool:
     """True unless some (n, c) has mean^2 > limit * (var + eps), where the plain sums lose too much."""
-    limit = _CONDITION_LIMIT[dtype]
-    return not float(torch.add(mean.square(), var_in, alpha=-limit).max()) > limit * eps
+    # mean^2 > limit * (var + eps)  <=>  var - mean^2 / limit < -eps: one operation and one reduction
+    return not float(torch.addcmul(var_in, mean, mean, value=-1.0 / _CONDITION_LIMIT[dtype]).min()) < -eps
 
 
 def _fast_allowed(x: Tensor) -> bool:
@@ -392,7 +392,7 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     lay = _Layout(x)
     v = lay.view3(x)
     mean, css = _moments(v, lay, x.dtype, True)
-    var_in = css / (length - 1)
+    var_in = css.mul_(1.0 / (length - 1))
     if not _well_conditioned(mean, var_in, eps, x.dtype):
         return None
     mu = sigma2 = None
@@ -403,12 +403,15 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
             mean_t, var_t = _pooled(mean, var_in, 1)
         else:  # "bn" in eval: the running buffers
             mean_t, var_t = rm.reshape(1, c), rv.reshape(1, c)
-        mu = mean_t * pm if mu is None else torch.add(mu, mean_t, alpha=pm)
-        sigma2 = var_t * pv if sigma2 is None else torch.add(sigma2, var_t, alpha=pv)
-    scale = torch.rsqrt(sigma2 + eps).mul_(weight.reshape(1, c)).expand(n, c).to(x.dtype)
-    shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1).expand(n, c).to(x.dtype)
+        if mu is None:
+            mu, sigma2 = torch.mul(mean_t, pm).expand(n, c).clone(), torch.mul(var_t, pv).expand(n, c).clone()
+        else:
+            mu.add_(mean_t, alpha=pm)
+            sigma2.add_(var_t, alpha=pv)
+    scale = sigma2.add_(eps).rsqrt_().mul_(weight.reshape(1, c))
+    shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _affine(v, scale.reshape(n, c, 1), shift.reshape(n, c, 1), y.view(n, c, length), True)
+    _affine(v, scale.to(x.dtype).reshape(n, c, 1), shift.to(x.dtype).reshape(n, c, 1), y.view(n, c, length), True)
     return y
 
 
