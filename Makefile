@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snzoo-installed
 # Real images for the training-data tests (Debian package dataset-fashion-mnist).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The C++ compiler that builds snzoo's SN CPU kernel on first use (Debian package g++).
+CXX_COMPILER := /usr/bin/g++
 
 .PHONY: test demo install clean
 
@@ -23,7 +25,7 @@ demo: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST)
+$(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST) $(CXX_COMPILER)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -33,6 +35,9 @@ $(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST)
 # Order-only for $(STAMP): installed when missing, never a reason to rebuild the environment.
 $(FASHION_MNIST):
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+
+$(CXX_COMPILER):
+	dpkg -s g++ >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q g++)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -36,3 +36,14 @@ def terms_of(layer: nn.Module) -> tuple[str, ...]:
     if isinstance(layer, SwitchNorm1d):
         return ("ln", "bn")
     return ("in", "ln", "bn") if layer.using_bn else ("in", "ln")
+
+
+def fashion_mnist_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n real Fashion-MNIST test images (normalised, (n, 1, 28, 28)) and their labels."""
+    from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_dir, read_idx
+
+    folder = fashion_mnist_dir()  # the Debian package dataset-fashion-mnist, which the Makefile installs
+    images = np.array(read_idx(next(folder.glob("t10k-images*")))[:n], dtype=np.float32) / 255
+    labels = np.array(read_idx(next(folder.glob("t10k-labels*")))[:n], dtype=np.int64)
+    x = (torch.from_numpy(images)[:, None] - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    return x, torch.from_numpy(labels)

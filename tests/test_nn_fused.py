@@ -22,6 +22,7 @@ from snzoo.nn import (
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
+    cpu_kernels,
     functional as F_sn,
     fused,
     set_sparsestmax_radius,
@@ -29,10 +30,10 @@ from snzoo.nn import (
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
-    from .sn_testing import TOL32, TOL64, randomise, terms_of as _terms, to_numpy as _np
+    from .sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, terms_of as _terms, to_numpy as _np
 except ImportError:
     import reference_sn as ref
-    from sn_testing import TOL32, TOL64, randomise, terms_of as _terms, to_numpy as _np
+    from sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, terms_of as _terms, to_numpy as _np
 
 
 
@@ -225,11 +226,21 @@ def _watch_short_path(monkeypatch) -> list:
     return taken
 
 
+def _eval_backend(backend, monkeypatch) -> None:
+    """Run the eval short path on the compiled CPU kernel ("kernel", which must build here) or on PyTorch ops."""
+    if backend == "kernel":
+        assert cpu_kernels.available()
+    else:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "pytorch"])
 @pytest.mark.parametrize("kind", sorted(EVAL_LAYERS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL64), (torch.float32, TOL32)])
-def test_eval_without_gradients_takes_the_short_path_and_matches_numpy(kind, dtype, tol, monkeypatch):
-    """The CPU eval path with the fewest small-tensor ops (contiguous float32 / float64 input) is the one taken,
-    and equals the float64 NumPy reference."""
+def test_eval_without_gradients_takes_the_short_path_and_matches_numpy(kind, dtype, tol, backend, monkeypatch):
+    """The CPU eval path with the fewest operations (contiguous float32 / float64 input) is the one taken, on the
+    compiled kernel and on PyTorch ops, and equals the float64 NumPy reference."""
+    _eval_backend(backend, monkeypatch)
     taken = _watch_short_path(monkeypatch)
     layer = _randomise(EVAL_LAYERS[kind](), seed=80).to(dtype).eval()
     x = _input(EVAL_SHAPES[kind], dtype, seed=81)
@@ -246,7 +257,9 @@ def test_eval_without_gradients_takes_the_short_path_and_matches_numpy(kind, dty
     ["channels_last", "bfloat16", "training", "large_mean", "single_value", "with_gradients"],
 )
 def test_eval_short_path_declines_what_it_does_not_cover(case, monkeypatch):
-    """Inputs outside the short path go the general way, and still match the reference."""
+    """Inputs outside the short path on PyTorch ops go the general way, and still match the reference (the
+    compiled kernel takes large means too: tests/test_cpu_kernel.py)."""
+    _eval_backend("pytorch", monkeypatch)
     taken = _watch_short_path(monkeypatch)
     layer = _randomise(SwitchNorm2d(4), seed=82).eval()
     x = _input((2, 4, 3, 3), torch.float32, seed=83)
@@ -547,21 +560,11 @@ def test_resnet50_sn_float32_fused_against_the_float64_reference():
         torch.testing.assert_close(buf[name].double(), buf_64[name], rtol=1e-5, atol=1e-6)
 
 
-def _fashion_mnist_batch(n: int):
-    from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_dir, read_idx
-
-    folder = fashion_mnist_dir()  # the Debian package dataset-fashion-mnist, which the Makefile installs
-    images = np.array(read_idx(next(folder.glob("t10k-images*")))[:n], dtype=np.float32) / 255
-    labels = np.array(read_idx(next(folder.glob("t10k-labels*")))[:n], dtype=np.int64)
-    x = (torch.from_numpy(images)[:, None] - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
-    return x, torch.from_numpy(labels)
-
-
 def test_trained_model_on_real_images_float32_gradients_match_float64():
     """The shipped resnet20_sn (trained by snzoo) on 64 real Fashion-MNIST test images, one training step:
     every float32 gradient of the fused path, importance weights included, within 5e-5 of float64."""
     model = snzoo.create_model("resnet20_sn", pretrained=True)
-    x, target = _fashion_mnist_batch(64)
+    x, target = fashion_mnist_batch(64)
     le_64, loss_64, grads_64, buf_64 = _model_results(model, x, target, "reference", torch.float64)
     le, loss, grads, buf = _model_results(model, x, target, "fused", torch.float32)
     assert _rel(le, le_64) < 1e-5

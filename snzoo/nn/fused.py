@@ -55,9 +55,11 @@ grad_bias and grad_weight with mean m and invstd 1; no temporary); x * B + C int
 allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer first (3 more passes).
 
 Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
-ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: the same
-passes with about a third of the small (N, C) operations (statistics in the input's dtype, probabilities as Python
-floats, no per-term stacks), which at batch 8 are a visible part of a ResNet-50's time. While tracing or exporting
+ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: snzoo's
+compiled kernel (`snzoo.nn.cpu_kernels`: statistics in one read of each row, the output in a second, one call per
+layer), or where it is not built, the same passes as torch ops with about a third of the small (N, C) operations
+(statistics in the input's dtype, probabilities as Python floats, no per-term stacks), which at batch 8 are a
+visible part of a ResNet-50's time. While tracing or exporting
 (torch.jit.trace, torch.onnx.export, torch.export) it runs out of place with addcmul, so the exported graph is the
 fused formula: per-(n, c) scale and shift, one multiply-add.
 """
@@ -71,6 +73,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from snzoo.nn import cpu_kernels
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -375,13 +379,14 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
 
 
 def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps) -> Optional[Tensor]:
-    """Eval forward without gradients for contiguous float32 / float64 CPU input, in as few operations on the
-    (N, C) statistics as possible: at batch 8 a torch call on such small tensors costs more than its arithmetic,
-    and a ResNet-50 layer spends about as long on them as on its data.
+    """Eval forward without gradients for contiguous float32 / float64 CPU input: the compiled kernel when it is
+    built, else torch ops with as few operations on the (N, C) statistics as possible (at batch 8 a torch call on
+    such small tensors costs more than its arithmetic, and a ResNet-50 layer spends about as long on them as on its
+    data).
 
-    The statistics stay in x's dtype: their inputs, the sums, carry that precision already, and the conditioning
-    check bounds what the subtraction loses. Returns None when the check fails (the caller then takes the shifted
-    path of `_core_forward`) or when x does not fit this path.
+    On torch ops the statistics stay in x's dtype: their inputs, the sums, carry that precision already, and the
+    conditioning check bounds what the subtraction loses. Returns None when the check fails (the caller then takes
+    the shifted path of `_core_forward`) or when x does not fit this path.
     """
     if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 3:
         return None
@@ -389,6 +394,8 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     length = x.numel() // (n * c)
     if length < 2:
         return None
+    if cpu_kernels.available():
+        return cpu_kernels.switch_norm_eval(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
     lay = _Layout(x)
     v = lay.view3(x)
     mean, css = _moments(v, lay, x.dtype, True)

@@ -1,0 +1,153 @@
+"""snzoo's compiled CPU kernel for eval-mode switchable normalisation, built on first use.
+
+`torch.utils.cpp_extension` compiles snzoo/nn/csrc/switch_norm_cpu.cpp once per machine (about 15 s, with the C++
+compiler PyTorch uses; for the machine's own instruction set) into the cache folder, and later processes load the
+built library. Without a compiler, or with SNZOO_CPU_KERNEL=0, SN layers run their PyTorch formulation: the same
+results, a few percent slower in eval.
+
+Environment:
+- SNZOO_CPU_KERNEL=0: never build or load the kernel.
+- SNZOO_KERNEL_CACHE: where builds go (default: $XDG_CACHE_HOME/snzoo/kernels or ~/.cache/snzoo/kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_loaded: Optional[bool] = None  # None: not tried in this process
+
+
+def cache_dir() -> Path:
+    """The folder that holds the kernel builds."""
+    if os.environ.get("SNZOO_KERNEL_CACHE"):
+        return Path(os.environ["SNZOO_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "snzoo" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The instruction-set flags of this CPU: a build for -march=native must not run on another kind of CPU that
+    shares the cache folder (a home directory on a cluster)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_name() -> str:
+    """The extension's name: changes with the source, the flags, torch, Python and the CPU."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+                 sys.version.encode(), platform.machine().encode(), _cpu_signature().encode()):
+        digest.update(part)
+    return f"snzoo_cpu_{digest.hexdigest()[:16]}"
+
+
+def _build_and_load() -> None:
+    name = build_name()
+    folder = cache_dir() / name
+    library = folder / f"{name}.so"
+    if library.exists():  # built before: load it without asking the build system
+        torch.ops.load_library(str(library))
+        return
+    # importing cpp_extension logs a warning about CUDA on CPU-only machines, which says nothing about this build
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"snzoo: building the SN CPU kernel once into {folder} (about 15 s)", file=sys.stderr)
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+            build_directory=str(folder), is_python_module=False, verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The build system looks for `ninja` on PATH; the PyPI package's binary sits in the environment's bin folder,
+    which is not on PATH when Python runs from a virtual environment that is not activated."""
+    try:
+        import ninja  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR in path.split(os.pathsep):
+        yield
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def available() -> bool:
+    """True when the kernel is loaded in this process; the first call builds or loads it (never raises: a failed
+    build leaves one warning and the PyTorch formulation)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            if os.environ.get("SNZOO_CPU_KERNEL", "1") == "0":
+                _loaded = False
+            elif hasattr(torch.ops.snzoo, "switch_norm_eval"):  # loaded by another copy of this module
+                _loaded = True
+            else:
+                try:
+                    _build_and_load()
+                    _loaded = True
+                except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say so once
+                    warnings.warn(
+                        f"snzoo: could not build the SN CPU kernel ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                        "SN layers use their PyTorch formulation (same results, slower eval). Install a C++ compiler "
+                        "and ninja, or set SNZOO_CPU_KERNEL=0 to skip the build.",
+                        RuntimeWarning, stacklevel=2,
+                    )
+                    _loaded = False
+    return _loaded
+
+
+def switch_norm_eval(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], terms: Sequence[str],
+                     eps: float) -> Tensor:
+    """Eval-mode SN of contiguous float32 / float64 CPU x (N, C, *), at least 2 values per (sample, channel),
+    through the compiled kernel (call `available()` first). Probabilities are ordered as `terms`."""
+    pm, pv = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    for t, m, v in zip(terms, mean_probs.tolist(), var_probs.tolist()):
+        slot = ("in", "ln", "bn").index(t)
+        pm[slot], pv[slot] = m, v
+    def per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.detach().reshape(-1).to(x.dtype).contiguous()
+
+    with_bn = "bn" in terms
+    return torch.ops.snzoo.switch_norm_eval(
+        x, per_channel(weight), per_channel(bias), pm, pv, per_channel(running_mean) if with_bn else None,
+        per_channel(running_var) if with_bn else None, eps,
+    )

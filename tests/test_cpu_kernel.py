@@ -1,0 +1,228 @@
+"""The compiled CPU kernel of eval-mode SN (snzoo/nn/csrc, loaded by snzoo.nn.cpu_kernels): against the float64
+NumPy reference, on both of its schedules, on stress inputs, across thread counts, on a shipped model with real
+images, and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import snzoo
+from snzoo.nn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, cpu_kernels
+from snzoo.nn.functional import use_implementation
+
+try:  # tests/ as a package or as a plain directory on sys.path
+    from . import reference_sn as ref
+    from .sn_testing import TOL64, fashion_mnist_batch, randomise, terms_of, to_numpy
+except ImportError:
+    import reference_sn as ref
+    from sn_testing import TOL64, fashion_mnist_batch, randomise, terms_of, to_numpy
+
+# float32 statistics and output against float64: a few units of float32 rounding
+TOL32_KERNEL = dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+    assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
+
+
+def _reference(layer, x: torch.Tensor) -> np.ndarray:
+    """The float64 NumPy reference of eval-mode `layer` on x."""
+    terms = terms_of(layer)
+    probs = [p.detach().double().numpy() for p in layer.importance_weights()]  # as the layer rounds them
+    y, _, _ = ref.switch_norm(
+        to_numpy(x), to_numpy(layer.weight), to_numpy(layer.bias), None, None,
+        to_numpy(layer.running_mean) if layer.using_bn else None,
+        to_numpy(layer.running_var) if layer.using_bn else None,
+        training=False, eps=layer.eps, mean_probs=probs[0], var_probs=probs[1], terms=terms,
+    )
+    return y
+
+
+def _kernel(layer, x: torch.Tensor) -> torch.Tensor:
+    mean_probs, var_probs = layer.importance_weights()
+    rm = layer.running_mean if layer.using_bn else None
+    rv = layer.running_var if layer.using_bn else None
+    with torch.no_grad():
+        return cpu_kernels.switch_norm_eval(x, layer.weight, layer.bias, mean_probs, var_probs, rm, rv,
+                                            terms_of(layer), layer.eps)
+
+
+def _input(shape, dtype, seed, mean=0.3, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    spread = torch.linspace(0.5, 2.0, c, dtype=torch.float64).reshape((1, c) + (1,) * (len(shape) - 2))
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * spread * std + mean).to(dtype)
+
+
+LAYERS = {
+    "sn": (lambda: SwitchNorm2d(6), (3, 6, 5, 7)),
+    "sn_no_bn": (lambda: SwitchNorm2d(6, using_bn=False), (3, 6, 5, 7)),
+    "sn1d_ncl": (lambda: SwitchNorm1d(6), (3, 6, 9)),  # LN and BN terms only
+    "sn3d": (lambda: SwitchNorm3d(6), (3, 6, 2, 3, 4)),
+    "two_values": (lambda: SwitchNorm2d(5), (4, 5, 1, 2)),
+    "batch_one": (lambda: SwitchNorm2d(3), (1, 3, 4, 4)),
+    "one_channel": (lambda: SwitchNorm2d(1), (2, 1, 3, 3)),
+    # one sample's rows above 1 MiB: the kernel goes sample by sample
+    "sample_by_sample": (lambda: SwitchNorm2d(16), (2, 16, 128, 128)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL64), (torch.float32, TOL32_KERNEL)])
+def test_kernel_equals_the_float64_reference(kind, dtype, tol):
+    make, shape = LAYERS[kind]
+    layer = randomise(make(), seed=3, buffers=True).to(dtype).eval()
+    x = _input(shape, dtype, seed=4)
+    y = _kernel(layer, x)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    np.testing.assert_allclose(to_numpy(y), _reference(layer, x), **tol)
+
+
+def _reference_two_pass(layer, x: torch.Tensor) -> np.ndarray:
+    """SN in float64 from the equations in their cancellation-free form (variances of centred values; the LN
+    variance as mean(var_in) + mean((mean_in - mean_ln)^2)), with the layer's own probabilities. NumPy's reference
+    uses E[x^2] - mean^2 for the LN variance, as the original does, which cancels at mean 1e4 even in float64."""
+    x = x.double()
+    mean_in, var_in = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True)
+    mean_ln = mean_in.mean(1, keepdim=True)
+    var_ln = (var_in + (mean_in - mean_ln) ** 2).mean(1, keepdim=True)
+    rm, rv = (b.detach().double().reshape(1, -1, 1, 1) for b in (layer.running_mean, layer.running_var))
+    pm, pv = (p.detach().double() for p in layer.importance_weights())
+    mu = pm[0] * mean_in + pm[1] * mean_ln + pm[2] * rm
+    sigma2 = pv[0] * var_in + pv[1] * var_ln + pv[2] * rv
+    w, b = (p.detach().double().reshape(1, -1, 1, 1) for p in (layer.weight, layer.bias))
+    return ((x - mu) / (sigma2 + layer.eps).sqrt() * w + b).numpy()
+
+
+# mean / std = 1e6 scales the dtype's rounding: ~1e-16 * 1e6 * |y| (~40) in float64
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-9, atol=1e-8)), (torch.float32, dict(rtol=1e-5, atol=1e-5))])
+@pytest.mark.parametrize("shape", [(2, 4, 6, 6), (2, 16, 128, 128)])
+def test_kernel_keeps_precision_when_the_mean_dwarfs_the_spread(dtype, tol, shape):
+    """mean 1e4, std 1e-2: the centred output (x - m) * a + b' keeps what x * a + b would lose to cancellation,
+    and the statistics' second pass recovers the rounding of the first mean (a float32 sum of 16384 values near
+    1e4 is ~3e-4 off). Both sides see the same values of x (float32: rounded to 1e4 * 6e-8, 6% of the std)."""
+    layer = randomise(SwitchNorm2d(shape[1]), seed=5, buffers=True).to(dtype).eval()
+    with torch.no_grad():  # running statistics of the same scale, so that the BN term is sane too
+        layer.running_mean.add_(1e4)
+        layer.running_var.mul_(1e-4)
+    x = _input(shape, dtype, seed=6, mean=1e4, std=1e-2)
+    np.testing.assert_allclose(to_numpy(_kernel(layer, x)), _reference_two_pass(layer, x), **tol)
+
+
+def test_kernel_output_does_not_depend_on_the_thread_count():
+    layer = randomise(SwitchNorm2d(32), seed=7, buffers=True).eval()
+    x = _input((4, 32, 40, 40), torch.float32, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _kernel(layer, x)
+        torch.set_num_threads(max(2, threads))
+        many = _kernel(layer, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_kernel_rejects_what_it_does_not_cover():
+    x = torch.randn(2, 3, 4, 4)
+    w, b = torch.ones(3), torch.zeros(3)
+    op = torch.ops.snzoo.switch_norm_eval
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(x.to(memory_format=torch.channels_last), w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="at least 2 values"):
+        op(x[:, :, :1, :1].contiguous(), w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        op(x, torch.ones(4), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        op(x, w.double(), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+
+
+def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel(monkeypatch):
+    """The shipped resnet20_sn on 64 real Fashion-MNIST test images: the kernel's float32 logits are those of the
+    float64 reference formulation, as close as PyTorch ops' float32 logits are, with the same predictions."""
+    model = snzoo.create_model("resnet20_sn", pretrained=True).eval()
+    x, _ = fashion_mnist_batch(64)
+    with torch.no_grad():
+        with_kernel = model(x)
+        with use_implementation("reference"):
+            reference = copy.deepcopy(model).double()(x.double())
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        without = model(x)
+    scale = float(reference.abs().max())
+    assert float((with_kernel.double() - reference).abs().max()) < 1e-5 * scale
+    assert float((without.double() - reference).abs().max()) < 1e-5 * scale
+    assert torch.equal(with_kernel.argmax(1), reference.argmax(1))
+
+
+# ------------------------------------------------------------------------ building, caching, falling back
+_PROBE = textwrap.dedent("""
+    import warnings
+    import torch
+    from snzoo.nn import SwitchNorm2d, cpu_kernels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = cpu_kernels.available()
+    layer = SwitchNorm2d(3).eval()
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4).sin()
+    with torch.no_grad():
+        y = layer(x)
+    mean = x.mean((2, 3), keepdim=True)
+    var = x.var((2, 3), keepdim=True)
+    ln_mean = mean.mean(1, keepdim=True)
+    ln_var = (var + mean ** 2).mean(1, keepdim=True) - ln_mean ** 2
+    expected = (x - (mean + ln_mean) / 3) / ((var + ln_var) / 3 + 1e-5).sqrt()  # running buffers start at 0
+    print("LOADED", loaded, "MATCH", bool(torch.allclose(y, expected, atol=1e-5)))
+    print("WARNINGS", " | ".join(str(w.message) for w in caught))
+""")
+
+
+def _probe(env_changes: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_changes}
+    return subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_failed_build_falls_back_with_one_warning(tmp_path):
+    result = _probe({"SNZOO_KERNEL_CACHE": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-compiler")})
+    assert result.returncode == 0, result.stderr
+    assert "LOADED False MATCH True" in result.stdout
+    warning = result.stdout.split("WARNINGS", 1)[1]
+    assert warning.count("could not build the SN CPU kernel") == 1 and "SNZOO_CPU_KERNEL=0" in warning
+
+
+def test_disabled_kernel_is_neither_built_nor_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    result = _probe({"SNZOO_CPU_KERNEL": "0", "SNZOO_KERNEL_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert "LOADED False MATCH True" in result.stdout and "WARNINGS \n" in result.stdout
+    assert not cache.exists()
+
+
+def test_the_kernel_is_built_once_then_loaded_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
+    assert first.returncode == 0, first.stderr
+    assert "LOADED True MATCH True" in first.stdout and "building the SN CPU kernel once" in first.stderr
+    built = list(cache.glob(f"{cpu_kernels.build_name()}/*.so"))
+    assert [p.name for p in built] == [f"{cpu_kernels.build_name()}.so"]
+    second = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
+    assert "LOADED True MATCH True" in second.stdout and "building" not in second.stderr
+
+
+def test_the_build_name_follows_the_source(monkeypatch, tmp_path):
+    """A changed kernel source (or flags, torch, CPU) gets a new build, never a stale library."""
+    name = cpu_kernels.build_name()
+    changed = tmp_path / "switch_norm_cpu.cpp"
+    changed.write_bytes(cpu_kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+    assert cpu_kernels.build_name() != name
+    assert Path(cpu_kernels.cache_dir()).name == "kernels" or os.environ.get("SNZOO_KERNEL_CACHE")
