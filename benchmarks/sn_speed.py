@@ -5,7 +5,8 @@ One ResNet (v1, depth 50 by default) with each norm, random weights and random i
 - BN, GN: torch's BatchNorm2d and GroupNorm, the baselines;
 - straightforward SN: the anchor of benchmarks/straightforward_sn.py, SN written the way the equations read;
 - snzoo SN (reference / fused): snzoo's SwitchNorm2d with each implementation of snzoo.nn.functional
-  (the rows that implementation switching does not offer are left out, and said so).
+  (the rows that implementation switching does not offer are left out, and said so); on the CPU the fused
+  row twice, its eval on snzoo's compiled kernel and on PyTorch ops (snzoo.nn.cpu_kernels.use_kernel).
 
 Times are the median over --repeats rounds in which the variants take turns (round-robin, the start rotating
 every round), after warm-up, because a shared machine drifts; read the ratios, not the milliseconds. Peak
@@ -54,9 +55,10 @@ class Variant:
     norm: str
     straightforward: bool = False
     implementation: Optional[str] = None
+    kernel: bool = True  # snzoo's CPU kernel for eval-mode SN, where it is built
 
 
-def variants() -> tuple[list[Variant], list[str]]:
+def variants(device: str = "cpu") -> tuple[list[Variant], list[str]]:
     """The rows this snzoo offers, and a note for each snzoo SN row it cannot run."""
     rows = [Variant("bn", "BN (torch BatchNorm2d)", "bn"), Variant("gn", "GN (torch GroupNorm)", "gn"),
             Variant("anchor", "straightforward SN (anchor)", "sn", straightforward=True)]
@@ -72,17 +74,34 @@ def variants() -> tuple[list[Variant], list[str]]:
         except Exception as exc:  # an implementation this machine or build lacks: leave its row out
             notes.append(f"snzoo SN ({name}) left out: {exc}")
             continue
+        if name == "fused" and device == "cpu" and _kernel_built():
+            rows.append(Variant("sn_fused", "snzoo SN (fused, kernel)", "sn", implementation=name))
+            rows.append(Variant("sn_fused_ops", "snzoo SN (fused, torch ops)", "sn", implementation=name, kernel=False))
+            continue
         rows.append(Variant(f"sn_{name}", f"snzoo SN ({name})", "sn", implementation=name))
     return rows, notes
 
 
+def _kernel_built() -> bool:
+    try:
+        from snzoo.nn import cpu_kernels
+    except ImportError:  # a snzoo without the kernel
+        return False
+    return cpu_kernels.available()
+
+
 @contextlib.contextmanager
-def implementation(name: Optional[str]):
-    """Run snzoo's SN with implementation `name` inside the block (None: leave it as it is)."""
+def implementation(name: Optional[str], kernel: bool = True):
+    """Run snzoo's SN with implementation `name` inside the block (None: leave it as it is), with or without
+    snzoo's CPU kernel."""
     if name is None:
         yield
         return
-    with sn_functional.use_implementation(name):
+    with sn_functional.use_implementation(name), contextlib.ExitStack() as stack:
+        if not kernel:
+            from snzoo.nn import cpu_kernels
+
+            stack.enter_context(cpu_kernels.use_kernel(False))
         yield
 
 
@@ -118,7 +137,7 @@ class Runner:
     def eval_forward(self) -> float:
         """Seconds of one forward in eval mode without autograd."""
         self.model.eval()
-        with implementation(self.variant.implementation), torch.no_grad(), self._autocast():
+        with implementation(self.variant.implementation, self.variant.kernel), torch.no_grad(), self._autocast():
             self._sync()
             start = time.perf_counter()
             self.model(self.images)
@@ -128,7 +147,7 @@ class Runner:
     def train_step(self) -> float:
         """Seconds of one forward + backward + SGD step in training mode."""
         self.model.train()
-        with implementation(self.variant.implementation):
+        with implementation(self.variant.implementation, self.variant.kernel):
             self._sync()
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
@@ -297,7 +316,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows_to_run, notes = variants()
+    rows_to_run, notes = variants(args.device)
     if args.memory_probe:
         variant = next(v for v in rows_to_run if v.key == args.memory_probe)
         print(json.dumps(memory_probe(variant, args)))

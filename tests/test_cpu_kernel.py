@@ -147,7 +147,7 @@ def test_kernel_rejects_what_it_does_not_cover():
         op(x, w.double(), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
 
 
-def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel(monkeypatch):
+def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel():
     """The shipped resnet20_sn on 64 real Fashion-MNIST test images: the kernel's float32 logits are those of the
     float64 reference formulation, as close as PyTorch ops' float32 logits are, with the same predictions."""
     model = snzoo.create_model("resnet20_sn", pretrained=True).eval()
@@ -156,12 +156,29 @@ def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel(mo
         with_kernel = model(x)
         with use_implementation("reference"):
             reference = copy.deepcopy(model).double()(x.double())
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-        without = model(x)
+        with cpu_kernels.use_kernel(False):
+            without = model(x)
     scale = float(reference.abs().max())
     assert float((with_kernel.double() - reference).abs().max()) < 1e-5 * scale
     assert float((without.double() - reference).abs().max()) < 1e-5 * scale
     assert torch.equal(with_kernel.argmax(1), reference.argmax(1))
+
+
+def test_use_kernel_switches_the_eval_path_inside_its_block(monkeypatch):
+    calls = []
+    kernel = cpu_kernels.switch_norm_eval
+    monkeypatch.setattr(cpu_kernels, "switch_norm_eval", lambda *args: calls.append(1) or kernel(*args))
+    layer = randomise(SwitchNorm2d(4), seed=9, buffers=True).eval()
+    x = _input((2, 4, 5, 5), torch.float32, seed=10)
+    with torch.no_grad():
+        on = layer(x)
+        with cpu_kernels.use_kernel(False):
+            assert not cpu_kernels.active()
+            off = layer(x)
+        assert cpu_kernels.active()
+        layer(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ building, caching, falling back

@@ -231,7 +231,7 @@ def _eval_backend(backend, monkeypatch) -> None:
     if backend == "kernel":
         assert cpu_kernels.available()
     else:
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "_enabled", False)
 
 
 @pytest.mark.parametrize("backend", ["kernel", "pytorch"])

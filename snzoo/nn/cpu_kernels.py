@@ -3,7 +3,7 @@
 `torch.utils.cpp_extension` compiles snzoo/nn/csrc/switch_norm_cpu.cpp once per machine (about 15 s, with the C++
 compiler PyTorch uses; for the machine's own instruction set) into the cache folder, and later processes load the
 built library. Without a compiler, or with SNZOO_CPU_KERNEL=0, SN layers run their PyTorch formulation: the same
-results, a few percent slower in eval.
+results, a few percent slower in eval. `use_kernel(False)` switches the kernel off inside a block.
 
 Environment:
 - SNZOO_CPU_KERNEL=0: never build or load the kernel.
@@ -32,6 +32,7 @@ LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _loaded: Optional[bool] = None  # None: not tried in this process
+_enabled = True
 
 
 def cache_dir() -> Path:
@@ -132,6 +133,23 @@ def available() -> bool:
                     )
                     _loaded = False
     return _loaded
+
+
+def active() -> bool:
+    """True when eval-mode SN layers run the kernel now: it is loaded and not switched off by `use_kernel`."""
+    return _enabled and available()
+
+
+@contextlib.contextmanager
+def use_kernel(enabled: bool) -> Iterator[None]:
+    """Inside the block, eval-mode SN layers on the CPU run the kernel (True, where it builds) or PyTorch ops
+    (False); the previous choice comes back after it."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 def switch_norm_eval(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,

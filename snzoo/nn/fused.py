@@ -394,7 +394,7 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     length = x.numel() // (n * c)
     if length < 2:
         return None
-    if cpu_kernels.available():
+    if cpu_kernels.active():
         return cpu_kernels.switch_norm_eval(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
     lay = _Layout(x)
     v = lay.view3(x)
