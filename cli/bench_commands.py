@@ -12,7 +12,8 @@ def _lines(result: dict) -> list[str]:
     settings = (f"batch {result['batch']}, {result['in_chans']}x{result['size']}x{result['size']}, {result['device']}, "
                 f"{result['amp'] or 'float32'}{', channels_last' if result['channels_last'] else ''}, "
                 f"{result['steps']} timed steps after {result['warmup']}, {result['threads']} threads, "
-                f"torch {result['torch']}, SN implementation {result['sn_implementation']}")
+                f"torch {result['torch']}, SN implementation {result['sn_implementation']}"
+                f"{' (eval on the CPU kernel)' if result['sn_cpu_kernel'] else ''}")
     return [
         f"{result['model']}: eval {result['eval_images_per_s']:.1f} img/s ({result['eval_ms_per_batch']:.1f} ms/batch)  "
         f"train {result['train_images_per_s']:.1f} img/s ({result['train_ms_per_step']:.1f} ms/step)",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from snzoo.errors import SnzooError
+from snzoo.nn import cpu_kernels
 from snzoo.nn.functional import get_implementation
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -108,6 +109,8 @@ def benchmark_model(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "sn_implementation": get_implementation(),
+        # eval-mode SN on the CPU: snzoo's compiled kernel, or PyTorch ops where it is not built / switched off
+        "sn_cpu_kernel": torch_device.type == "cpu" and cpu_kernels.active(),
     }
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import snzoo
 from snzoo.bench import BenchmarkError, benchmark_model
-from snzoo.nn import SwitchNorm2d
+from snzoo.nn import SwitchNorm2d, cpu_kernels
 from snzoo.nn import functional as sn_functional
 from snzoo_cli.bench_commands import bench_command
 from snzoo_cli.main import cli
@@ -46,6 +46,9 @@ def test_benchmark_model_reports_throughputs_and_settings():
         "batch": 2, "size": 28, "steps": 2, "warmup": 1, "device": "cpu", "amp": None, "channels_last": False}
     assert result["in_chans"] == 1 and result["num_classes"] == 10  # the CIFAR-style model's defaults
     assert result["threads"] == torch.get_num_threads() and result["torch"] == torch.__version__
+    assert result["sn_cpu_kernel"] is True  # built here (tests/test_cpu_kernel.py)
+    with cpu_kernels.use_kernel(False):
+        assert benchmark_model("resnet20_sn", **SMALL)["sn_cpu_kernel"] is False
     json.dumps(result)
 
 
@@ -84,6 +87,7 @@ def test_cli_prints_throughputs():
     assert result.exit_code == 0, result.output
     assert result.output.startswith("resnet20_sn: eval ")
     assert "img/s" in result.output and "train" in result.output and "batch 2" in result.output
+    assert "SN implementation fused (eval on the CPU kernel)" in result.output
 
 
 def test_cli_json():
