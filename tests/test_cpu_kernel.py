@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import snzoo
-from snzoo.nn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, cpu_kernels
+from snzoo.nn import SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, cpu_kernels
 from snzoo.nn.functional import use_implementation
 
 try:  # tests/ as a package or as a plain directory on sys.path
@@ -69,6 +69,7 @@ LAYERS = {
     "sn_no_bn": (lambda: SwitchNorm2d(6, using_bn=False), (3, 6, 5, 7)),
     "sn1d_ncl": (lambda: SwitchNorm1d(6), (3, 6, 9)),  # LN and BN terms only
     "sn3d": (lambda: SwitchNorm3d(6), (3, 6, 2, 3, 4)),
+    "ssn": (lambda: SparseSwitchNorm2d(6), (3, 6, 5, 7)),  # sparsestmax probabilities (some exactly 0)
     "two_values": (lambda: SwitchNorm2d(5), (4, 5, 1, 2)),
     "batch_one": (lambda: SwitchNorm2d(3), (1, 3, 4, 4)),
     "one_channel": (lambda: SwitchNorm2d(1), (2, 1, 3, 3)),
