@@ -209,12 +209,14 @@ def _probe(env_changes: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_failed_build_falls_back_with_one_warning(tmp_path):
-    result = _probe({"SNZOO_KERNEL_CACHE": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-compiler")})
+def test_a_failed_build_falls_back_with_one_warning_and_leaves_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    result = _probe({"SNZOO_KERNEL_CACHE": str(cache), "CXX": str(tmp_path / "no-such-compiler")})
     assert result.returncode == 0, result.stderr
     assert "LOADED False MATCH True" in result.stdout
     warning = result.stdout.split("WARNINGS", 1)[1]
     assert warning.count("could not build the SN CPU kernel") == 1 and "SNZOO_CPU_KERNEL=0" in warning
+    assert list(cache.iterdir()) == []
 
 
 def test_disabled_kernel_is_neither_built_nor_loaded(tmp_path):
@@ -230,10 +232,17 @@ def test_the_kernel_is_built_once_then_loaded_from_the_cache(tmp_path):
     first = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
     assert first.returncode == 0, first.stderr
     assert "LOADED True MATCH True" in first.stdout and "building the SN CPU kernel once" in first.stderr
-    built = list(cache.glob(f"{cpu_kernels.build_name()}/*.so"))
-    assert [p.name for p in built] == [f"{cpu_kernels.build_name()}.so"]
+    name = cpu_kernels.build_name()
+    assert [p.name for p in cache.iterdir()] == [name]  # no staging folder left behind
+    library = cache / name / f"{name}.so"
+    assert library.is_file()
     second = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
     assert "LOADED True MATCH True" in second.stdout and "building" not in second.stderr
+    # a damaged library (say, a disk that filled up) is built again, not loaded and not kept
+    library.write_bytes(library.read_bytes()[:4096])
+    third = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
+    assert "LOADED True MATCH True" in third.stdout and "building the SN CPU kernel once" in third.stderr
+    assert [p.name for p in cache.iterdir()] == [name] and library.stat().st_size > 4096
 
 
 def test_the_build_name_follows_the_source(monkeypatch, tmp_path):

@@ -17,7 +17,9 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -69,8 +71,11 @@ def _build_and_load() -> None:
     folder = cache_dir() / name
     library = folder / f"{name}.so"
     if library.exists():  # built before: load it without asking the build system
-        torch.ops.load_library(str(library))
-        return
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:  # unreadable or damaged: build it again
+            shutil.rmtree(folder, ignore_errors=True)
     # importing cpp_extension logs a warning about CUDA on CPU-only machines, which says nothing about this build
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
@@ -79,13 +84,23 @@ def _build_and_load() -> None:
         from torch.utils import cpp_extension
     finally:
         cpp_logger.setLevel(level)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a staging folder that takes the final name only once the library has loaded: an interrupted or
+    # failed build never leaves a library in the cache.
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=folder.parent))
     print(f"snzoo: building the SN CPU kernel once into {folder} (about 15 s)", file=sys.stderr)
-    with _ninja_on_path():
-        cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-            build_directory=str(folder), is_python_module=False, verbose=False,
-        )
+    try:
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                build_directory=str(staging), is_python_module=False, verbose=False,
+            )
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished the same build first; its library is as good
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
