@@ -238,7 +238,7 @@ def test_the_kernel_is_built_once_then_loaded_from_the_cache(tmp_path):
     assert library.is_file()
     second = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
     assert "LOADED True MATCH True" in second.stdout and "building" not in second.stderr
-    # a damaged library (say, a disk that filled up) is built again, not loaded and not kept
+    # a damaged library (say, a disk that filled up) fails its checksum: built again, never mapped
     library.write_bytes(library.read_bytes()[:4096])
     third = _probe({"SNZOO_KERNEL_CACHE": str(cache)})
     assert "LOADED True MATCH True" in third.stdout and "building the SN CPU kernel once" in third.stderr

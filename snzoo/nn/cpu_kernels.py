@@ -70,12 +70,13 @@ def _build_and_load() -> None:
     name = build_name()
     folder = cache_dir() / name
     library = folder / f"{name}.so"
-    if library.exists():  # built before: load it without asking the build system
-        try:
+    if library.exists():
+        # built before: load it without asking the build system, unless it changed since (a damaged library can
+        # crash the process that maps it, so its checksum is checked first)
+        if _checksum_file(library).is_file() and _checksum_file(library).read_text().strip() == _sha256(library):
             torch.ops.load_library(str(library))
             return
-        except OSError:  # unreadable or damaged: build it again
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     # importing cpp_extension logs a warning about CUDA on CPU-only machines, which says nothing about this build
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
@@ -95,12 +96,22 @@ def _build_and_load() -> None:
                 name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                 build_directory=str(staging), is_python_module=False, verbose=False,
             )
+        built = staging / library.name
+        _checksum_file(built).write_text(_sha256(built) + "\n")
         try:
             staging.rename(folder)
         except OSError:  # another process finished the same build first; its library is as good
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _checksum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextlib.contextmanager
