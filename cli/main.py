@@ -47,6 +47,7 @@ def _register_commands() -> None:
         bench_commands,
         eval_commands,
         export_commands,
+        kernel_commands,
         plot_commands,
         train_commands,
         weights_commands,
@@ -54,7 +55,7 @@ def _register_commands() -> None:
     )
 
     for module in (zoo_commands, weights_commands, eval_commands, train_commands, plot_commands, export_commands,
-                   bench_commands):
+                   bench_commands, kernel_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 

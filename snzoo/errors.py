@@ -24,3 +24,7 @@ class CheckpointError(SnzooError, ValueError):
 
 class WeightsNotAvailableError(SnzooError, FileNotFoundError):
     """Pretrained weights that are neither cached nor obtainable right now."""
+
+
+class KernelBuildError(SnzooError, RuntimeError):
+    """snzoo's SN CPU kernel cannot be built or loaded here (SN layers still run, on PyTorch ops)."""

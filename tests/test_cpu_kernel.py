@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import snzoo
 from snzoo.nn import SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, cpu_kernels
 from snzoo.nn.functional import use_implementation
+from snzoo_cli.main import cli
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
@@ -253,3 +255,29 @@ def test_the_build_name_follows_the_source(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
     assert cpu_kernels.build_name() != name
     assert Path(cpu_kernels.cache_dir()).name == "kernels" or os.environ.get("SNZOO_KERNEL_CACHE")
+
+
+# ------------------------------------------------------------------------------------------ snzoo build-kernel
+def test_build_kernel_command_prints_the_library():
+    result = CliRunner().invoke(cli, ["build-kernel"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"SN CPU kernel: {cpu_kernels.library_path()}\n"
+    assert cpu_kernels.library_path().is_file()
+
+
+def test_build_kernel_command_switched_off_is_one_line_error(monkeypatch):
+    monkeypatch.setenv("SNZOO_CPU_KERNEL", "0")
+    result = CliRunner().invoke(cli, ["build-kernel"])
+    assert result.exit_code == 1
+    assert result.output == "error: the SN CPU kernel is switched off by SNZOO_CPU_KERNEL=0; unset it to build the kernel\n"
+
+
+def test_build_kernel_command_without_a_compiler_says_why_and_leaves_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SNZOO_KERNEL_CACHE": str(cache), "CXX": str(tmp_path / "no-such-compiler")}
+    result = subprocess.run([sys.executable, "-m", "snzoo", "build-kernel"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not build the SN CPU kernel") and "no-such-compiler: not found" in last
+    assert "apt-get install g++" in last and list(cache.iterdir()) == []

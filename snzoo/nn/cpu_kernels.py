@@ -3,7 +3,8 @@
 `torch.utils.cpp_extension` compiles snzoo/nn/csrc/switch_norm_cpu.cpp once per machine (about 15 s, with the C++
 compiler PyTorch uses; for the machine's own instruction set) into the cache folder, and later processes load the
 built library. Without a compiler, or with SNZOO_CPU_KERNEL=0, SN layers run their PyTorch formulation: the same
-results, a few percent slower in eval. `use_kernel(False)` switches the kernel off inside a block.
+results, a few percent slower in eval. `use_kernel(False)` switches the kernel off inside a block; `build()` (the
+command `snzoo build-kernel`) builds it ahead of time, e.g. in a container image.
 
 Environment:
 - SNZOO_CPU_KERNEL=0: never build or load the kernel.
@@ -27,6 +28,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
@@ -66,6 +69,38 @@ def build_name() -> str:
     return f"snzoo_cpu_{digest.hexdigest()[:16]}"
 
 
+def library_path() -> Path:
+    """Where this machine's build of the kernel lives (it may not be built yet)."""
+    name = build_name()
+    return cache_dir() / name / f"{name}.so"
+
+
+def build() -> Path:
+    """Build the kernel now, or load it if it is built, and return its library's path (else it is built on the first
+    eval-mode SN forward on the CPU). Raises KernelBuildError, with the reason, when that is not possible."""
+    global _loaded
+    if os.environ.get("SNZOO_CPU_KERNEL", "1") == "0":
+        raise KernelBuildError("the SN CPU kernel is switched off by SNZOO_CPU_KERNEL=0; unset it to build the kernel")
+    with _lock:
+        if not hasattr(torch.ops.snzoo, "switch_norm_eval"):
+            try:
+                _build_and_load()
+            except Exception as exc:
+                raise KernelBuildError(
+                    f"could not build the SN CPU kernel ({_reason(exc)}); "
+                    "install a C++ compiler (Debian: apt-get install g++) and ninja (pip install ninja)"
+                ) from exc
+        _loaded = True
+    return library_path()
+
+
+def _reason(exc: Exception) -> str:
+    """A build error on one line: its end, where the build tool puts the compiler's complaint (the start is the
+    command line, and compiler output can run to pages)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {'...' + text[-240:] if len(text) > 240 else text}"
+
+
 def _build_and_load() -> None:
     name = build_name()
     folder = cache_dir() / name
@@ -77,21 +112,15 @@ def _build_and_load() -> None:
             torch.ops.load_library(str(library))
             return
         shutil.rmtree(folder, ignore_errors=True)
-    # importing cpp_extension logs a warning about CUDA on CPU-only machines, which says nothing about this build
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)
-    try:
+    with _quiet_build_logger():
         from torch.utils import cpp_extension
-    finally:
-        cpp_logger.setLevel(level)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Built in a staging folder that takes the final name only once the library has loaded: an interrupted or
     # failed build never leaves a library in the cache.
     staging = Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=folder.parent))
     print(f"snzoo: building the SN CPU kernel once into {folder} (about 15 s)", file=sys.stderr)
     try:
-        with _ninja_on_path():
+        with _ninja_on_path(), _quiet_build_logger():
             cpp_extension.load(
                 name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                 build_directory=str(staging), is_python_module=False, verbose=False,
@@ -112,6 +141,19 @@ def _checksum_file(library: Path) -> Path:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_build_logger() -> Iterator[None]:
+    """cpp_extension logs warnings about CUDA on CPU-only machines and about compilers other than PyTorch's, which
+    say nothing about whether this build works (its own errors still raise)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -152,7 +194,7 @@ def available() -> bool:
                     _loaded = True
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say so once
                     warnings.warn(
-                        f"snzoo: could not build the SN CPU kernel ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                        f"snzoo: could not build the SN CPU kernel ({_reason(exc)}); "
                         "SN layers use their PyTorch formulation (same results, slower eval). Install a C++ compiler "
                         "and ninja, or set SNZOO_CPU_KERNEL=0 to skip the build.",
                         RuntimeWarning, stacklevel=2,
