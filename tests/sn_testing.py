@@ -31,6 +31,16 @@ def randomise(layer: nn.Module, seed: int = 0, buffers: bool = False) -> nn.Modu
     return layer
 
 
+def spread_input(shape, dtype: torch.dtype = torch.float64, seed: int = 0, mean: float = 0.3,
+                 std: float = 1.0) -> torch.Tensor:
+    """Gaussian input whose channels have different spreads (0.5 to 2 times std), so that IN, LN and BN statistics
+    all differ."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    spread = torch.linspace(0.5, 2.0, c, dtype=torch.float64).reshape((1, c) + (1,) * (len(shape) - 2))
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * spread * std + mean).to(dtype)
+
+
 def terms_of(layer: nn.Module) -> tuple[str, ...]:
     """The statistics a layer mixes, in the order of its importance weights."""
     if isinstance(layer, SwitchNorm1d):

@@ -23,10 +23,10 @@ from snzoo_cli.main import cli
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
-    from .sn_testing import TOL64, fashion_mnist_batch, randomise, terms_of, to_numpy
+    from .sn_testing import TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
 except ImportError:
     import reference_sn as ref
-    from sn_testing import TOL64, fashion_mnist_batch, randomise, terms_of, to_numpy
+    from sn_testing import TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
 
 # float32 statistics and output against float64: a few units of float32 rounding
 TOL32_KERNEL = dict(rtol=2e-6, atol=2e-6)
@@ -59,13 +59,6 @@ def _kernel(layer, x: torch.Tensor) -> torch.Tensor:
                                             terms_of(layer), layer.eps)
 
 
-def _input(shape, dtype, seed, mean=0.3, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    spread = torch.linspace(0.5, 2.0, c, dtype=torch.float64).reshape((1, c) + (1,) * (len(shape) - 2))
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * spread * std + mean).to(dtype)
-
-
 LAYERS = {
     "sn": (lambda: SwitchNorm2d(6), (3, 6, 5, 7)),
     "sn_no_bn": (lambda: SwitchNorm2d(6, using_bn=False), (3, 6, 5, 7)),
@@ -85,7 +78,7 @@ LAYERS = {
 def test_kernel_equals_the_float64_reference(kind, dtype, tol):
     make, shape = LAYERS[kind]
     layer = randomise(make(), seed=3, buffers=True).to(dtype).eval()
-    x = _input(shape, dtype, seed=4)
+    x = spread_input(shape, dtype, seed=4)
     y = _kernel(layer, x)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     np.testing.assert_allclose(to_numpy(y), _reference(layer, x), **tol)
@@ -118,13 +111,13 @@ def test_kernel_keeps_precision_when_the_mean_dwarfs_the_spread(dtype, tol, shap
     with torch.no_grad():  # running statistics of the same scale, so that the BN term is sane too
         layer.running_mean.add_(1e4)
         layer.running_var.mul_(1e-4)
-    x = _input(shape, dtype, seed=6, mean=1e4, std=1e-2)
+    x = spread_input(shape, dtype, seed=6, mean=1e4, std=1e-2)
     np.testing.assert_allclose(to_numpy(_kernel(layer, x)), _reference_two_pass(layer, x), **tol)
 
 
 def test_kernel_output_does_not_depend_on_the_thread_count():
     layer = randomise(SwitchNorm2d(32), seed=7, buffers=True).eval()
-    x = _input((4, 32, 40, 40), torch.float32, seed=8)
+    x = spread_input((4, 32, 40, 40), torch.float32, seed=8)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -172,7 +165,7 @@ def test_use_kernel_switches_the_eval_path_inside_its_block(monkeypatch):
     kernel = cpu_kernels.switch_norm_eval
     monkeypatch.setattr(cpu_kernels, "switch_norm_eval", lambda *args: calls.append(1) or kernel(*args))
     layer = randomise(SwitchNorm2d(4), seed=9, buffers=True).eval()
-    x = _input((2, 4, 5, 5), torch.float32, seed=10)
+    x = spread_input((2, 4, 5, 5), torch.float32, seed=10)
     with torch.no_grad():
         on = layer(x)
         with cpu_kernels.use_kernel(False):

@@ -30,10 +30,10 @@ from snzoo.nn import (
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
-    from .sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, terms_of as _terms, to_numpy as _np
+    from .sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, spread_input, terms_of as _terms, to_numpy as _np
 except ImportError:
     import reference_sn as ref
-    from sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, terms_of as _terms, to_numpy as _np
+    from sn_testing import TOL32, TOL64, fashion_mnist_batch, randomise, spread_input, terms_of as _terms, to_numpy as _np
 
 
 
@@ -52,10 +52,7 @@ def _randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _input(shape, dtype=torch.float64, seed=0, offset=0.3):
-    g = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    scale = torch.linspace(0.5, 2.0, c, dtype=torch.float64).reshape((1, c) + (1,) * (len(shape) - 2))
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    return spread_input(shape, dtype, seed, mean=offset)
 
 
 def _probs(layer):

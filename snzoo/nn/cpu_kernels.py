@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # build() runs inside available()'s hold
 _loaded: Optional[bool] = None  # None: not tried in this process
 _enabled = True
 
@@ -79,19 +79,24 @@ def build() -> Path:
     """Build the kernel now, or load it if it is built, and return its library's path (else it is built on the first
     eval-mode SN forward on the CPU). Raises KernelBuildError, with the reason, when that is not possible."""
     global _loaded
-    if os.environ.get("SNZOO_CPU_KERNEL", "1") == "0":
+    if _switched_off():
         raise KernelBuildError("the SN CPU kernel is switched off by SNZOO_CPU_KERNEL=0; unset it to build the kernel")
+    library = library_path()
     with _lock:
-        if not hasattr(torch.ops.snzoo, "switch_norm_eval"):
+        if not hasattr(torch.ops.snzoo, "switch_norm_eval"):  # else loaded already, by this or another copy of us
             try:
-                _build_and_load()
+                _build_and_load(library)
             except Exception as exc:
                 raise KernelBuildError(
                     f"could not build the SN CPU kernel ({_reason(exc)}); "
                     "install a C++ compiler (Debian: apt-get install g++) and ninja (pip install ninja)"
                 ) from exc
         _loaded = True
-    return library_path()
+    return library
+
+
+def _switched_off() -> bool:
+    return os.environ.get("SNZOO_CPU_KERNEL", "1") == "0"
 
 
 def _reason(exc: Exception) -> str:
@@ -101,14 +106,13 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {'...' + text[-240:] if len(text) > 240 else text}"
 
 
-def _build_and_load() -> None:
-    name = build_name()
-    folder = cache_dir() / name
-    library = folder / f"{name}.so"
+def _build_and_load(library: Path) -> None:
+    folder, name = library.parent, library.parent.name
     if library.exists():
         # built before: load it without asking the build system, unless it changed since (a damaged library can
         # crash the process that maps it, so its checksum is checked first)
-        if _checksum_file(library).is_file() and _checksum_file(library).read_text().strip() == _sha256(library):
+        checksum = _checksum_file(library)
+        if checksum.is_file() and checksum.read_text().strip() == _sha256(library):
             torch.ops.load_library(str(library))
             return
         shutil.rmtree(folder, ignore_errors=True)
@@ -183,23 +187,18 @@ def available() -> bool:
     if _loaded is not None:
         return _loaded
     with _lock:
-        if _loaded is None:
-            if os.environ.get("SNZOO_CPU_KERNEL", "1") == "0":
+        if _loaded is None and _switched_off():
+            _loaded = False
+        elif _loaded is None:
+            try:
+                build()
+            except KernelBuildError as exc:  # no compiler, no ninja, a failed build: fall back, say so once
+                warnings.warn(
+                    f"snzoo: {exc}, or set SNZOO_CPU_KERNEL=0 to skip the build; SN layers use their PyTorch "
+                    "formulation (same results, slower eval)",
+                    RuntimeWarning, stacklevel=2,
+                )
                 _loaded = False
-            elif hasattr(torch.ops.snzoo, "switch_norm_eval"):  # loaded by another copy of this module
-                _loaded = True
-            else:
-                try:
-                    _build_and_load()
-                    _loaded = True
-                except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say so once
-                    warnings.warn(
-                        f"snzoo: could not build the SN CPU kernel ({_reason(exc)}); "
-                        "SN layers use their PyTorch formulation (same results, slower eval). Install a C++ compiler "
-                        "and ninja, or set SNZOO_CPU_KERNEL=0 to skip the build.",
-                        RuntimeWarning, stacklevel=2,
-                    )
-                    _loaded = False
     return _loaded
 
 

@@ -59,9 +59,9 @@ ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input t
 compiled kernel (`snzoo.nn.cpu_kernels`: statistics in one read of each row, the output in a second, one call per
 layer), or where it is not built, the same passes as torch ops with about a third of the small (N, C) operations
 (statistics in the input's dtype, probabilities as Python floats, no per-term stacks), which at batch 8 are a
-visible part of a ResNet-50's time. While tracing or exporting
-(torch.jit.trace, torch.onnx.export, torch.export) it runs out of place with addcmul, so the exported graph is the
-fused formula: per-(n, c) scale and shift, one multiply-add.
+visible part of a ResNet-50's time. While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export)
+it runs out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
+multiply-add.
 """
 
 from __future__ import annotations
