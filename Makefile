@@ -8,6 +8,8 @@ STAMP := $(VENV)/.snzoo-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The C++ compiler that builds snzoo's SN CPU kernel on first use (Debian package g++).
 CXX_COMPILER := /usr/bin/g++
+# The TLS certificates of the Google Drive stand-in in the download tests (Debian package openssl).
+OPENSSL := /usr/bin/openssl
 
 .PHONY: test demo install clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST) $(CXX_COMPILER)
+$(STAMP): requirements-dev.txt setup.cfg pyproject.toml | $(FASHION_MNIST) $(CXX_COMPILER) $(OPENSSL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -38,6 +40,9 @@ $(FASHION_MNIST):
 
 $(CXX_COMPILER):
 	dpkg -s g++ >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q g++)
+
+$(OPENSSL):
+	dpkg -s openssl >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q openssl)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

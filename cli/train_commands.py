@@ -23,7 +23,7 @@ def run_options(command):
         click.option("--channels-last", is_flag=True),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
         click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation micro-batches per step."),
-        click.option("--sync-stats", is_flag=True, help="Synchronise SN statistics over processes (one process per recipe device)."),
+        click.option("--sync-stats/--no-sync-stats", default=None, help="Synchronise SN statistics over processes (one process per recipe device); default: the recipe's `statistics`."),
         click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every N steps (always at epoch ends)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
         click.option("--max-steps", type=int, help="Stop after N steps (a quick check)."),

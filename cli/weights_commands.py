@@ -9,7 +9,9 @@ import click
 from snzoo import zoo
 from snzoo.weights import cache_dir, fetch_weights
 from snzoo.weights.cache import cache_files, clean_cache
+from snzoo.weights.fetch import require_pinned_default
 from snzoo.weights.maintenance import convert_checkpoint, pin_file, verify_entry, verify_file
+from snzoo.weights.verify import is_pinned
 from snzoo_cli.output import echo_json, human_size
 
 
@@ -25,6 +27,13 @@ def download_command(names, all_entries, source_url, file, require_pinned, quiet
     """Fetch, verify and convert the weights of NAMES (ARCH.TAG or ARCH) into the cache."""
     if all_entries:
         names = zoo.list_models(pretrained=True)
+        if require_pinned_default() if require_pinned is None else require_pinned:
+            # With --all, --require-pinned selects the entries that have a published checksum.
+            unpinned = [n for n in names if not any(is_pinned(s) for s in zoo.get_entry(n).sources)]
+            names = [n for n in names if n not in unpinned]
+            if unpinned:
+                click.echo(f"skipped {len(unpinned)} entries without a published checksum: {', '.join(unpinned)}",
+                           err=True)
     if not names:
         raise click.UsageError("name at least one entry, or use --all")
     if (file or source_url) and len(names) > 1:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -191,6 +192,22 @@ def _quiet_export() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _exporter_stdout_discarded() -> Iterator[None]:
+    # When an export fails, the TorchScript-based exporter logs the whole Torch IR graph (hundreds of lines) from
+    # C++ to the process's standard output: torch.onnx leaves its log switched on whatever `verbose` says. That
+    # would bury the one-line error, and only redirecting file descriptor 1 reaches C++ output.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _write_atomically(out_path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a temporary file beside out_path and rename it into place when complete."""
     out = Path(out_path)
@@ -242,7 +259,7 @@ def export_onnx(
         # The torch.export-based exporter also works here, but takes ~10x longer, writes opset 18 at the least
         # and loses the module scopes in node names; the TorchScript-based one suffices for these graphs.
         try:
-            with _quiet_export():
+            with _quiet_export(), _exporter_stdout_discarded():
                 torch.onnx.export(
                     frozen, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True,

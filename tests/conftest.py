@@ -4,6 +4,7 @@ Tests that need downloads start their own HTTP server on 127.0.0.1 and lift offl
 """
 
 import pytest
+import torch
 
 from snzoo import zoo
 
@@ -19,3 +20,14 @@ def _isolated_zoo(monkeypatch, tmp_path_factory):
     zoo.set_overlay(None)
     yield
     zoo.set_overlay(None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch runs on one intra-op thread for the module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    for small models a second thread gains little and, on shared CI cores, its spinning slows the runs several
+    times; in-process runs then also match subprocess runs started with OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,8 +11,10 @@ import torch
 from click.testing import CliRunner
 
 import snzoo
+from snzoo import zoo
 from snzoo.checkpoint import read_state_dict
 from snzoo.weights import cache_dir
+from snzoo.weights.convert import read_record
 from snzoo_cli.main import cli
 from http_server import start_server
 from test_fetch import ENTRY, FILE, entry_json
@@ -142,3 +144,118 @@ def test_export_hf_writes_a_loadable_folder(served, overlay, tmp_path):
     assert torch.equal(loaded.fc.weight, model.fc.weight)
     again = run("--manifest", overlay, "export-hf", ENTRY, out)
     assert again.exit_code == 1 and again.output.count("\n") == 1
+
+
+def cached_kinds() -> dict[str, str]:
+    """File name -> kind (canonical, record, partial, original) of everything in the cache."""
+    return {r["file"]: r["kind"] for r in json.loads(run("cache", "list", "--json").stdout)}
+
+
+def dead_link_overlay(tmp_path, sha256: str) -> Path:
+    """The test entry, pinned, with a manifest source nobody answers: only --file or --source can get it."""
+    file = tmp_path / "dead-link.json"
+    file.write_text(json.dumps({"schema_version": 1, "entries": {
+        ENTRY: entry_json("https://127.0.0.1:9/dead-link", sha256=sha256)}}))
+    return file
+
+
+def assert_cached_model(model, name: str = ENTRY) -> Path:
+    (path,) = cache_dir().glob(f"{name}-*.safetensors")
+    state_dict = read_state_dict(path)
+    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+    return path
+
+
+def test_cli_download_all_require_pinned_fetches_exactly_the_pinned_entries(served, tmp_path, monkeypatch):
+    monkeypatch.delenv("SNZOO_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    model, path, server = served
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    unpinned_entry = "resnet18v1_sn.test_unpinned"
+    entries = {}
+    for name in zoo.list_models(pretrained=True):
+        sources = zoo.get_entry(name).sources
+        if any(s.kind != "package" for s in sources):
+            # The shipped links lead off this machine, and no file here has the SSN md5s: the overlay sends
+            # these entries to the local server, unpinned, so any request for them would show.
+            entries[name] = {"sources": [{**s.to_dict(), "url": server.url(f"shipped/{s.file_name}"), "kind": "https",
+                                          "sha256": None, "md5": None} for s in sources]}
+    entries[ENTRY] = entry_json(server.url(FILE), sha256=sha256)
+    entries[unpinned_entry] = {**entry_json(server.url(FILE)), "default": False}
+    overlay = tmp_path / "all.json"
+    overlay.write_text(json.dumps({"schema_version": 1, "entries": entries}))
+    zoo.set_overlay(overlay)
+    pinned = sorted(n for n in zoo.list_models(pretrained=True)
+                    if n not in entries or n == ENTRY)
+    assert len(pinned) == 13  # the 12 shipped resnet20 entries and the test entry
+    requests_before = len(server.requests)
+
+    result = run("--manifest", overlay, "download", "--all", "--require-pinned", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == pinned
+    skipped = sorted(set(entries) - {ENTRY})
+    assert result.stderr == f"skipped {len(skipped)} entries without a published checksum: {', '.join(skipped)}\n"
+    kinds = cached_kinds()
+    assert sorted(kinds.values()) == ["canonical"] * 13 + ["record"] * 13
+    assert {f.rsplit("-", 1)[0] for f in kinds} == set(pinned)
+    assert {Path(r["path"]).name for r in rows} <= set(kinds)
+    assert_cached_model(model)
+    new_requests = server.requests[requests_before:]
+    assert [r.path for r in new_requests] == [f"/{FILE}"]  # the pinned file once; nothing unpinned was asked for
+
+
+def test_cli_download_file_installs_a_file_fetched_by_hand(served, tmp_path):
+    # Offline (the tests' default): a file named on the command line needs no network.
+    model, path, server = served
+    overlay = dead_link_overlay(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
+    requests_before = len(server.requests)
+    result = run("--manifest", overlay, "download", ENTRY, "--file", path, "--quiet")
+    assert result.exit_code == 0, result.output
+    cached = assert_cached_model(model)
+    assert result.stdout.startswith(f"{ENTRY}: {cached} (") and result.stdout.count("\n") == 1
+    assert cached_kinds() == {cached.name: "canonical", cached.name + ".json": "record"}
+    assert path.is_file() and len(server.requests) == requests_before  # the user's file is read, not moved
+
+    wrong = tmp_path / FILE
+    wrong.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    result = run("--manifest", overlay, "download", ENTRY, "--file", wrong, "--quiet")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "does not match the pinned" in result.stderr and str(wrong) in result.stderr
+    assert wrong.is_file() and cached_kinds() == {cached.name: "canonical", cached.name + ".json": "record"}
+
+    missing = run("--manifest", overlay, "download", ENTRY, "--file", tmp_path / "nope.pth")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_cli_download_source_replaces_the_manifest_sources(served, tmp_path, monkeypatch):
+    monkeypatch.delenv("SNZOO_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    model, path, server = served
+    overlay = dead_link_overlay(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
+    requests_before = len(server.requests)
+    result = run("--manifest", overlay, "download", ENTRY, "--source", server.url(FILE), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    cached = assert_cached_model(model)
+    assert row["path"] == str(cached) and read_record(cached)["source_url"] == server.url(FILE)
+    assert [r.path for r in server.requests[requests_before:]] == [f"/{FILE}"]
+    assert cached_kinds() == {cached.name: "canonical", cached.name + ".json": "record"}
+    two = run("--manifest", overlay, "download", ENTRY, "resnet20_sn", "--source", server.url(FILE))
+    assert two.exit_code == 2 and "one entry at a time" in two.stderr
+
+
+def test_cli_cache_clean_partial_removes_only_interrupted_downloads(served, overlay):
+    model, path, _ = served
+    assert run("--manifest", overlay, "download", ENTRY, "--quiet").exit_code == 0
+    cached = assert_cached_model(model)
+    # What an interrupted download leaves beside its final place: the first bytes of the file.
+    partial = cache_dir() / (FILE + ".part")
+    partial.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cached_kinds() == {cached.name: "canonical", cached.name + ".json": "record", partial.name: "partial"}
+    result = run("cache", "clean", "--partial")
+    assert result.exit_code == 0 and result.stdout == f"removed 1 file(s) from {cache_dir()}\n"
+    assert cached_kinds() == {cached.name: "canonical", cached.name + ".json": "record"}
+    assert run("--manifest", overlay, "verify", ENTRY).exit_code == 0
+    assert run("cache", "clean", "--partial").stdout == f"removed 0 file(s) from {cache_dir()}\n"

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,8 +245,23 @@ def test_the_build_name_follows_the_source(monkeypatch, tmp_path):
     changed = tmp_path / "switch_norm_cpu.cpp"
     changed.write_bytes(cpu_kernels.SOURCE.read_bytes() + b"\n// changed\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
-    assert cpu_kernels.build_name() != name
-    assert Path(cpu_kernels.cache_dir()).name == "kernels" or os.environ.get("SNZOO_KERNEL_CACHE")
+    changed_name = cpu_kernels.build_name()
+    assert changed_name != name and changed_name.startswith("snzoo_cpu_")
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", (*cpu_kernels.CFLAGS, "-DSNZOO_CHANGED"))
+    assert cpu_kernels.build_name() not in (name, changed_name)
+    assert cpu_kernels.library_path() == cpu_kernels.cache_dir() / cpu_kernels.build_name() / (
+        cpu_kernels.build_name() + ".so")
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SNZOO_KERNEL_CACHE", str(tmp_path / "kernel-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_kernels.cache_dir() == tmp_path / "kernel-cache"
+    monkeypatch.delenv("SNZOO_KERNEL_CACHE")
+    assert cpu_kernels.cache_dir() == tmp_path / "xdg" / "snzoo" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cpu_kernels.cache_dir() == tmp_path / "home" / ".cache" / "snzoo" / "kernels"
 
 
 # ------------------------------------------------------------------------------------------ snzoo build-kernel

@@ -134,8 +134,49 @@ def test_workers_channels_last_and_limit(small_model, photo_folder):
     assert (cl.correct1, cl.correct5, cl.n) == (dataset_result.correct1, dataset_result.correct5, dataset_result.n)
     limited = evaluate(small_model, _dataset(photo_folder), workers=0, limit=7)
     assert limited.n == 7 and limited.limit == 7
-    bf16 = evaluate(small_model, _dataset(photo_folder), workers=0, amp="bfloat16")
-    assert bf16.n == dataset_result.n and abs(bf16.correct1 - dataset_result.correct1) <= 2
+
+
+def evaluate_keeping_logits(model, dataset, **kwargs) -> tuple:
+    """evaluate() as it is, plus the logits its own forward passes produced (read by a forward hook)."""
+    outputs = []
+    hook = model.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().clone()))
+    try:
+        result = evaluate(model, dataset, **kwargs)
+    finally:
+        hook.remove()
+    return result, torch.cat(outputs)
+
+
+def hit_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(1).sum())
+
+
+# bfloat16 keeps 8 significant bits (a relative step of 2**-8); over a ResNet-18's ~20 rounded layers the logits
+# may drift by a few such steps of their own scale, not more.
+BF16_LOGIT_TOLERANCE = 4 * 2**-8
+
+
+def test_bfloat16_logits_and_accuracy_stay_within_bfloat16_rounding_of_float32(small_model, photo_folder):
+    dataset = _dataset(photo_folder)
+    labels = torch.tensor([item[1] for item in dataset])
+    exact, exact_logits = evaluate_keeping_logits(small_model, dataset, workers=0, batch_size=6)
+    bf16, bf16_logits = evaluate_keeping_logits(small_model, dataset, workers=0, batch_size=6, amp="bfloat16")
+    # The captured logits are the ones each evaluation counted.
+    assert hit_counts(exact_logits.float(), labels) == (exact.correct1, exact.correct5)
+    assert hit_counts(bf16_logits.float(), labels) == (bf16.correct1, bf16.correct5)
+    assert exact_logits.dtype == torch.float32 and bf16_logits.dtype == torch.bfloat16
+    assert exact.n == bf16.n == len(labels)
+
+    tolerance = BF16_LOGIT_TOLERANCE * float(exact_logits.abs().max())
+    error = (bf16_logits.float() - exact_logits).abs().max().item()
+    assert 0 < error <= tolerance, f"bfloat16 logits differ by {error:.3g}, tolerance {tolerance:.3g}"
+    # With every logit within the tolerance, top-1 can only change where float32's top-1 leads the runner-up
+    # by at most twice the tolerance (both may move by it); no other image may change its verdict.
+    best_two = exact_logits.topk(2, dim=1).values
+    close_calls = int((best_two[:, 0] - best_two[:, 1] <= 2 * tolerance).sum())
+    assert close_calls < len(labels)  # the bound below says something
+    assert abs(bf16.correct1 - exact.correct1) <= close_calls
 
 
 def _dataset(folder):

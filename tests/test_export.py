@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 import snzoo
-from snzoo.export import ExportError, FrozenSwitchNorm, check_export, export_onnx, export_torchscript, frozen_copy
+from snzoo.export import (
+    ExportError, FrozenSwitchNorm, _write_atomically, check_export, export_onnx, export_torchscript, frozen_copy,
+)
 from snzoo.models import ResNet
 from snzoo.nn import (
     SparseSwitchNorm2d,
@@ -51,14 +57,7 @@ SIZE = 64
 FORBIDDEN_OPS = {"Softmax", "LogSoftmax", "TopK", "CumSum", "NonZero", "ArgMax", "OneHot", "If", "Loop", "Where"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models are small: a second intra-op thread gains little and, on shared CI cores, its spinning
-    # made this file three times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model, seed):
@@ -316,23 +315,57 @@ def test_export_leaves_the_model_unchanged(tmp_path, photos):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt"]  # no temporary files left
 
 
-def test_failed_export_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+class MedianPool(nn.Module):
+    """Median over the spatial positions: runs in eager mode, and no ONNX opset has an operator for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).median(dim=2).values
+
+
+def _median_pooled_resnet20() -> nn.Module:
     model = _randomize(snzoo.create_model("resnet20_sn"), seed=3)
+    model.avgpool = MedianPool()
+    return model
+
+
+UNSUPPORTED_MEDIAN = ("UnsupportedOperatorError: Exporting the operator 'aten::median' to ONNX opset version 17 "
+                      "is not supported")
+
+
+def test_untraceable_model_fails_in_one_line_and_keeps_the_old_file(tmp_path, capfd):
+    model = _median_pooled_resnet20()
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # a working model, only not exportable
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    with pytest.raises(ExportError) as info:
+        export_onnx(model, out, size=28)
+    assert str(info.value) == f"ONNX export of resnet20_sn failed: {UNSUPPORTED_MEDIAN}"
+    assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.onnx"]
+    # The exporter's dump of the whole graph (hundreds of lines, written by C++ to fd 1) must not reach the user.
+    printed = capfd.readouterr()
+    assert "Torch IR graph" not in printed.out + printed.err
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
 
-    def exploding_export(module, args, f, **kwargs):
-        open(f, "wb").write(b"partial")
-        raise RuntimeError("exporter exploded\nwith a long explanation")
+    def write_half_then_fail(tmp):
+        tmp.write_bytes(b"partial")
+        raise ExportError("disk full")
 
-    monkeypatch.setattr(torch.onnx, "export", exploding_export)
-    with pytest.raises(ExportError, match="^ONNX export of resnet20_sn failed: RuntimeError: exporter exploded$"):
-        export_onnx(model, out, size=28)
+    with pytest.raises(ExportError, match="^disk full$"):
+        _write_atomically(out, write_half_then_fail)
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_bad_export_arguments_are_refused_before_exporting(tmp_path):
+    model = _randomize(snzoo.create_model("resnet20_sn"), seed=3)
     with pytest.raises(ExportError, match="opset 17 or later"):
-        export_onnx(model, out, size=28, opset=13)
+        export_onnx(model, tmp_path / "m.onnx", size=28, opset=13)
     with pytest.raises(ExportError, match="method must be one of trace, script"):
         export_torchscript(model, tmp_path / "m.pt", size=28, method="compile")
+    assert os.listdir(tmp_path) == []
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -371,19 +404,41 @@ def test_cli_bad_format_is_a_usage_error(tmp_path):
     assert "Usage:" in result.output and "'--format'" in result.output
 
 
-def test_cli_failing_export_is_one_line(tmp_path, checkpoint, monkeypatch):
+def test_cli_failing_export_is_one_line(tmp_path, checkpoint):
     args = ["export", "resnet20_sn", str(tmp_path / "m.onnx"), "--checkpoint", str(checkpoint), "--size", "28"]
     result = _run(*args, "--opset", "13")
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["error: ONNX export needs opset 17 or later, got 13"]
 
-    def exploding_export(*args, **kwargs):
-        raise RuntimeError("exporter exploded\nwith a long explanation")
+    # A real untraceable architecture, registered in a fresh `snzoo` process so its real output is seen.
+    script = textwrap.dedent("""
+        import sys
+        from torch import nn
+        from snzoo.models.registry import register_architecture
+        from snzoo.models.resnet_cifar import ResNetCifar
+        from snzoo_cli.main import main
 
-    monkeypatch.setattr(torch.onnx, "export", exploding_export)
-    result = _run(*args)
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["error: ONNX export of resnet20_sn failed: RuntimeError: exporter exploded"]
+        class MedianPool(nn.Module):
+            def forward(self, x):
+                return x.flatten(2).median(dim=2).values
+
+        def median_pooled(**kwargs):
+            model = ResNetCifar(**kwargs)
+            model.avgpool = MedianPool()
+            return model
+
+        register_architecture("resnet20median_sn", 20, 1, "sn", median_pooled)
+        sys.argv[0] = "snzoo"
+        main()
+    """)
+    out = tmp_path / "median.onnx"
+    result = subprocess.run(
+        [sys.executable, "-c", script, "export", "resnet20median_sn", str(out), "--checkpoint", str(checkpoint),
+         "--size", "28"], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"error: ONNX export of resnet20median_sn failed: {UNSUPPORTED_MEDIAN}\n"
+    assert not out.exists()
     # A published model whose weights are not in the (empty, offline) cache.
     result = _run("export", "resnet50v1_sn.in1k_8x32_cos120", str(tmp_path / "m.onnx"))
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1

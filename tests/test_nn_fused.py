@@ -273,7 +273,8 @@ def test_eval_short_path_declines_what_it_does_not_cover(case, monkeypatch):
     y_np, _, _ = _numpy_step(copy.deepcopy(layer), x.float())
     with F_sn.use_implementation("fused"), torch.set_grad_enabled(case == "with_gradients"):
         y = layer(x.requires_grad_(case == "with_gradients"))
-    assert True not in taken
+    # Training and gradients are turned away before the short path; the other inputs reach it and it declines.
+    assert taken == ([] if case in ("training", "with_gradients") else [False])
     tol = dict(rtol=2e-2, atol=2e-2) if case == "bfloat16" else TOL32
     np.testing.assert_allclose(_np(y), y_np, **tol)
 

@@ -1,4 +1,5 @@
-"""SyncSwitchNorm2d and convert_sync_switchnorm with two real gloo processes, against one process on the full batch.
+"""SyncSwitchNorm2d, synchronised SwitchNorm1d on (N, C) and convert_sync_switchnorm with two real gloo processes,
+against one process on the full batch (and the float64 NumPy reference for SwitchNorm1d).
 
 One spawn runs every distributed scenario (starting processes is the slow part); each rank saves its results to
 a file and the tests below compare them with single-process computations.
@@ -8,17 +9,22 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from snzoo.nn import SwitchNorm2d, SyncSwitchNorm2d, convert_sync_switchnorm, set_ghost_batch_size
+from snzoo.nn import SwitchNorm1d, SwitchNorm2d, SyncSwitchNorm2d, convert_sync_switchnorm, set_ghost_batch_size
 from snzoo.nn import functional as F_sn
+
+from spawn_testing import spawn_and_wait
+
+try:  # tests/ as a package or as a plain directory on sys.path
+    from . import reference_sn as ref_sn
+except ImportError:
+    import reference_sn as ref_sn
 
 WORLD = 2
 SPLIT = (4, 4)
@@ -66,6 +72,33 @@ def _model(norm=SwitchNorm2d):
     ).double()
     _randomise(model[1], seed=3)
     _randomise(model[4], seed=4)
+    return model
+
+
+def _flat_data():
+    """(N, C) features far from zero, with channels of different scales, for SwitchNorm1d."""
+    g = torch.Generator().manual_seed(5)
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    xs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * scale + 3.0 * (i + 1) for i in range(STEPS)]
+    targets = [torch.randn(8, 3, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    return xs, targets
+
+
+def _flat_layer():
+    return _randomise(SwitchNorm1d(3, momentum=0.8).double(), seed=6)
+
+
+def _flat_model():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        SwitchNorm1d(4, momentum=0.7, using_moving_average=False),
+        nn.ReLU(),
+        nn.Linear(4, 3),
+        SwitchNorm1d(3, momentum=0.7),
+    ).double()
+    _randomise(model[1], seed=8)
+    _randomise(model[4], seed=9)
     return model
 
 
@@ -128,6 +161,21 @@ def _worker(rank, init_file, out_dir):
         model = convert_sync_switchnorm(_model())
         results["converted"] = _train_steps(model, local(xs, SPLIT), local(targets, SPLIT), allreduce_grads=True)
 
+        # SwitchNorm1d on (N, C), synchronised: even and uneven splits, then eval; and a converted model
+        flat_xs, flat_targets = _flat_data()
+        for name, sizes in (("flat", SPLIT), ("flat_uneven", UNEVEN)):
+            layer = convert_sync_switchnorm(_flat_layer())
+            results[f"sync_{name}"] = _train_steps(
+                layer, local(flat_xs, sizes), local(flat_targets, sizes), allreduce_grads=True
+            )
+        layer.eval()
+        with torch.no_grad():
+            results["sync_flat_eval"] = layer(local(flat_xs, UNEVEN)[0])
+        model = convert_sync_switchnorm(_flat_model())
+        results["converted_flat"] = _train_steps(
+            model, local(flat_xs, SPLIT), local(flat_targets, SPLIT), allreduce_grads=True
+        )
+
         # plain SwitchNorm2d: statistics stay per rank
         plain = _randomise(SwitchNorm2d(3, momentum=0.8).double(), seed=1)
         results["plain"] = _train_steps(plain, local(xs, SPLIT), local(targets, SPLIT))
@@ -141,17 +189,7 @@ def _worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sync")
-    ctx = mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_and_wait(_worker, (str(tmp / "init"), str(tmp)), WORLD, SPAWN_TIMEOUT_S, "gloo")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -227,6 +265,57 @@ def test_plain_switchnorm_keeps_per_rank_statistics(ranks):
         per_rank = [r["plain"][1][name] for r in ranks]
         assert not torch.allclose(per_rank[0], per_rank[1])
         torch.testing.assert_close(torch.stack(per_rank).mean(0), ref_buffers[name], **TOL)
+
+
+def _flat_numpy_reference(layer, xs):
+    """Outputs per step and final buffers of the float64 NumPy SwitchNorm1d on each whole (N, C) batch."""
+    params = {name: p.detach().numpy() for name, p in layer.named_parameters()}
+    rm, rv = layer.running_mean.numpy().copy(), layer.running_var.numpy().copy()
+    outputs = []
+    for x in xs:
+        y, rm, rv = ref_sn.switch_norm_1d_flat(
+            x.numpy(), params["weight"], params["bias"], params["mean_weight"], params["var_weight"], rm, rv,
+            training=True, momentum=layer.momentum, eps=layer.eps, using_moving_average=layer.using_moving_average,
+        )
+        outputs.append(torch.from_numpy(y))
+    return outputs, torch.from_numpy(rm), torch.from_numpy(rv)
+
+
+@pytest.mark.parametrize("name, sizes", [("flat", SPLIT), ("flat_uneven", UNEVEN)])
+def test_sync_switchnorm1d_on_flat_input_equals_the_full_batch_reference(ranks, name, sizes):
+    flat_xs, flat_targets = _flat_data()
+    rank_results = [r[f"sync_{name}"] for r in ranks]
+    outputs, running_mean, running_var = _flat_numpy_reference(_flat_layer(), flat_xs)
+    for step, expected in enumerate(outputs):
+        torch.testing.assert_close(torch.cat([r[0][step]["y"] for r in rank_results]), expected, **TOL)
+    for r in rank_results:
+        torch.testing.assert_close(r[1]["running_mean"], running_mean, **TOL)
+        torch.testing.assert_close(r[1]["running_var"], running_var, **TOL)
+    # Gradients (and everything again): one process holding the whole batch.
+    _compare_sync(rank_results, _full_batch_reference_flat(_flat_layer()), sizes)
+    # Per-rank statistics would give other outputs: the comparison above can tell them apart.
+    local_layer = _flat_layer()
+    first_rank_alone = local_layer(flat_xs[0][: sizes[0]]).detach()
+    assert not torch.allclose(first_rank_alone, outputs[0][: sizes[0]], rtol=1e-3, atol=1e-3)
+
+
+def _full_batch_reference_flat(module):
+    flat_xs, flat_targets = _flat_data()
+    return _train_steps(module, flat_xs, flat_targets)
+
+
+def test_sync_switchnorm1d_on_flat_input_evaluates_with_its_running_statistics(ranks):
+    flat_xs, flat_targets = _flat_data()
+    layer = _flat_layer()
+    _train_steps(layer, flat_xs, flat_targets)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(flat_xs[0])
+    torch.testing.assert_close(torch.cat([r["sync_flat_eval"] for r in ranks]), expected, **TOL)
+
+
+def test_convert_sync_switchnorm_flat_model_equals_full_batch(ranks):
+    _compare_sync([r["converted_flat"] for r in ranks], _full_batch_reference_flat(_flat_model()), SPLIT)
 
 
 # ------------------------------------------------------------------------------------- single process only

@@ -313,12 +313,3 @@ def test_training_from_list_files(tmp_path):
             "--set", "model_note=list-files"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["val"]["n"] == 16
-
-
-@pytest.mark.parametrize("flags", [["--amp", "bfloat16", "--channels-last"], ["--compile"]])
-def test_amp_channels_last_and_compile_train(tmp_path, flags):
-    out = run_ok(["resnet20_sn.fmnist_8x2_cos2", "-o", tmp_path / "run", "--data", "fashion-mnist", "--max-steps", "2",
-                  "--subset", "160", "--val-subset", "50", "-j", "0", "--json", *flags])
-    summary = json.loads(out)
-    assert summary["steps"] == 2
-    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values() if v.is_floating_point())

@@ -46,13 +46,7 @@ from test_train import COMMON, RECIPE, recipe_file, run_ok, weights
 Observer = Callable[[torch.optim.Optimizer, torch.nn.Module], None]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process runs use one thread, as the subprocess runs do with OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def observe_runs(monkeypatch: pytest.MonkeyPatch, observer: Observer) -> None:

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
+from torch import nn
 
 from snzoo import zoo
 from snzoo.errors import ManifestError, UnknownModelError
 from snzoo.models import registry
+from snzoo.nn import SparseSwitchNorm2d, SwitchNorm2d
+from snzoo.nn.ghost_batchnorm import GhostBatchNorm2d
 
 GD = "https://drive.google.com/uc?id="
 SHIPPED_COUNT = len(zoo.load_manifest())  # the 12 published entries plus snzoo's own
@@ -44,14 +48,9 @@ DESIGN_ARCHS.append("resnet50v1_ssn")
 
 @pytest.fixture(autouse=True)
 def clean_state(monkeypatch):
-    """No overlay from the environment or an earlier test; the design's architectures registered."""
+    """No overlay from the environment or an earlier test; the registry is the real one, untouched."""
     monkeypatch.delenv(zoo.MANIFEST_ENV, raising=False)
     zoo.set_overlay(None)
-    for name in DESIGN_ARCHS:
-        if name not in registry.ARCHITECTURES:
-            depth, version = int(name[6:name.index("v")]), int(name[name.index("v") + 1])
-            spec = registry.ArchitectureSpec(name, depth, version, name.rsplit("_", 1)[1], lambda **kw: None)
-            monkeypatch.setitem(registry.ARCHITECTURES, name, spec)
     yield
     zoo.set_overlay(None)
 
@@ -195,6 +194,43 @@ def test_to_dict_is_the_manifest_entry_plus_its_name():
         assert d == raw[name]
         assert zoo.Entry.from_dict(name, d) == entry
         assert (entry.architecture, entry.tag) == tuple(name.split("."))
+
+
+# The layer class each norm name builds; exact types, since SparseSwitchNorm2d and SwitchNorm2d share a base.
+NORM_LAYER = {"sn": SwitchNorm2d, "ssn": SparseSwitchNorm2d, "bn": GhostBatchNorm2d, "gn": nn.GroupNorm}
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, tuple(NORM_LAYER.values()))]
+
+
+@pytest.mark.parametrize("name", DESIGN_ARCHS)
+def test_every_designed_architecture_is_registered_and_builds(name):
+    spec = registry.ARCHITECTURES[name]
+    depth, version, norm = int(name[6:name.index("v")]), int(name[name.index("v") + 1]), name.rsplit("_", 1)[1]
+    assert (spec.name, spec.depth, spec.version, spec.norm) == (name, depth, version, norm)
+    model = spec.build(num_classes=7)
+    layers = norm_layers(model)
+    assert layers and all(type(layer) is NORM_LAYER[norm] for layer in layers)
+    assert model.get_classifier().out_features == 7
+
+
+@pytest.mark.parametrize("name", list(zoo.load_manifest().entries))
+def test_every_manifest_entry_builds_from_the_real_registry(name):
+    entry = zoo.load_manifest().entries[name]
+    spec = registry.ARCHITECTURES[entry.architecture]
+    assert spec.norm == entry.norm.type
+    model = spec.build(**entry.model_kwargs()).eval()
+    layers = norm_layers(model)
+    assert layers and all(type(layer) is NORM_LAYER[entry.norm.type] for layer in layers)
+    if entry.norm.type in ("sn", "ssn"):
+        assert all(layer.using_bn == entry.norm.using_bn for layer in layers)
+    # A small image is enough for a shape check: the ResNets end in an adaptive pool.
+    size = min(entry.eval.crop, 32)
+    with torch.no_grad():
+        logits = model(torch.zeros(1, len(entry.eval.mean), size, size))
+    assert logits.shape == (1, entry.num_classes)
+    assert torch.isfinite(logits).all()
 
 
 # ------------------------------------------------------------------------------------------ lookups

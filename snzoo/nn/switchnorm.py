@@ -172,6 +172,8 @@ class SwitchNorm1d(_SwitchNorm):
     (N, C): LN uses the mean and unbiased variance over C of each sample, BN the same over N (the original).
     (N, C, L): L is treated like H*W in SwitchNorm2d (statistics built from per-(sample, channel) statistics
     over L), without the IN term. weight, bias and running buffers have shape (1, C).
+    Synchronised (a process_group, see convert_sync_switchnorm), BN's N is the samples of every rank: for
+    (N, C) the mean and unbiased variance over all of them, for (N, C, L) as in SyncSwitchNorm2d.
     """
 
     input_dims = (2, 3)
@@ -193,9 +195,10 @@ class SwitchNorm1d(_SwitchNorm):
         if x.dim() == 3:
             return super().forward(x)
         self._check_input(x)
-        if self._sync_group() is not None:
-            raise NotImplementedError("synchronised statistics are supported for (N, C, L) input, not (N, C)")
+        group = self._sync_group()
         mean_probs, var_probs = self.importance_weights()
+        if group is not None:
+            return self._synchronised_flat_forward(x, mean_probs, var_probs, group)
         return F_sn.switch_norm_flat(
             x,
             self.weight,
@@ -210,3 +213,35 @@ class SwitchNorm1d(_SwitchNorm):
             using_moving_average=self.using_moving_average,
             ghost_batch_size=self.ghost_batch_size,
         )
+
+    def _synchronised_flat_forward(self, x: Tensor, mean_probs: Tensor, var_probs: Tensor, group: object) -> Tensor:
+        """Training forward on (N, C) input with BN statistics over the samples of every rank in `group`."""
+        c = x.shape[1]
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var_ln, mean_ln = torch.var_mean(xf, dim=1, keepdim=True, correction=1 if c > 1 else 0)
+        mean_bn, var_bn = _synchronised_flat_batch_stats(xf, group)
+        F_sn.update_running_stats(
+            self.running_mean, self.running_var, mean_bn, var_bn, self.momentum, self.using_moving_average
+        )
+        mean = mean_probs[0] * mean_ln + mean_probs[1] * mean_bn
+        var = var_probs[0] * var_ln + var_probs[1] * var_bn
+        y = (xf - mean) / (var + self.eps).sqrt() * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def _synchronised_flat_batch_stats(x: Tensor, group: object) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance, shapes (1, C), of (N, C) x over the samples of every rank.
+
+    Two all-reduces: the sums and sample count give the mean, then the sums of squared deviations from it give
+    the variance without the cancellation of E[x^2] - mean^2 (these layers often see features far from zero).
+    Both are differentiable, so the gradients are those of one process holding the whole batch.
+    """
+    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces too
+
+    n, c = x.shape
+    totals = all_reduce(torch.cat([x.sum(0), x.new_full((1,), float(n))]), op=dist.ReduceOp.SUM, group=group)
+    count = float(totals[-1])
+    mean = (totals[:c] / count).reshape(1, c)
+    squared_deviations = all_reduce((x - mean).pow(2).sum(0), op=dist.ReduceOp.SUM, group=group)
+    var = (squared_deviations / (count - 1 if count > 1 else count)).reshape(1, c)
+    return mean, var

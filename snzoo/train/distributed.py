@@ -66,6 +66,34 @@ def average_running_stats(model: nn.Module, info: DistInfo) -> None:
         buffer.div_(info.world_size)
 
 
+@torch.no_grad()
+def gather_running_stats(model: nn.Module, info: DistInfo) -> torch.Tensor:
+    """Every rank's running statistics as one row per rank (world_size x values), on the CPU: a run whose ranks
+    keep their own statistics needs each rank's in its checkpoint, not only rank 0's."""
+    buffers = running_stat_buffers(model)
+    # float64 holds float32 and float64 buffers exactly.
+    flat = torch.cat([b.detach().flatten().double() for b in buffers] or [torch.zeros(0, dtype=torch.float64)])
+    if not info.enabled:
+        return flat.unsqueeze(0).cpu()
+    rows = [torch.empty_like(flat) for _ in range(info.world_size)]
+    dist.all_gather(rows, flat)
+    return torch.stack(rows).cpu()
+
+
+@torch.no_grad()
+def restore_running_stats(model: nn.Module, per_rank: torch.Tensor, info: DistInfo) -> bool:
+    """Load this rank's row of gather_running_stats into the model; False (nothing changed) when the checkpoint
+    was written by a different number of ranks or for other layers."""
+    buffers = running_stat_buffers(model)
+    if per_rank.shape != (info.world_size, sum(b.numel() for b in buffers)):
+        return False
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(per_rank[info.rank, offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+    return True
+
+
 def all_finite(value: torch.Tensor, info: DistInfo) -> bool:
     """True when the value is finite on every rank (so all ranks stop together)."""
     flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=value.device)

@@ -37,10 +37,13 @@ from snzoo.train.distributed import (
     all_finite,
     average_running_stats,
     barrier,
+    gather_running_stats,
     init_distributed,
+    restore_running_stats,
     shutdown,
 )
 from snzoo.train.export import export_run
+from snzoo.train.micro_batches import StepStatistics
 from snzoo.train.optim import build_optimizer, importance_parameters, set_learning_rate
 from snzoo.train.recipe import peak_learning_rate, total_batch
 from snzoo.train.run_log import RunLogger
@@ -70,7 +73,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     accum_steps: int = 1
-    sync_stats: bool = False
+    sync_stats: Optional[bool] = None  # None: as the recipe's `statistics` says
     checkpoint_every: int = 0
     resume: bool = False
     max_steps: Optional[int] = None
@@ -98,6 +101,14 @@ class BatchPlan:
     description: str
 
 
+def synchronised_statistics(recipe: dict, sync_stats: Optional[bool] = None) -> bool:
+    """Whether the run synchronises the statistics over processes: `sync_stats` when given (--sync-stats or
+    --no-sync-stats), else the recipe's `statistics` (`synchronized`, or the default `per_device`)."""
+    if sync_stats is not None:
+        return sync_stats
+    return recipe.get("statistics", "per_device") == "synchronized"
+
+
 def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats: bool = False) -> BatchPlan:
     """Emulate the recipe's devices: each process runs devices / world_size of them as ghost batches."""
     devices, per_device = recipe["batch"]["devices"], recipe["batch"]["per_device"]
@@ -113,8 +124,9 @@ def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats
     if sync_stats:
         stats = f"statistics synchronised over all {devices * per_device} images"
         if emulated > 1:
-            raise TrainingError("--sync-stats needs one process per recipe device; "
-                                f"launch {devices} processes or drop --sync-stats")
+            raise TrainingError("synchronised statistics (--sync-stats, or the recipe's statistics: synchronized) "
+                                f"need one process per recipe device; launch {devices} processes or pass "
+                                "--no-sync-stats")
     elif ghost:
         stats = f"BN statistics over ghost batches of {per_device} ({emulated} emulated devices per process)"
     else:
@@ -217,11 +229,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                                        in_chans=in_chans, normalization=normalization)
     num_classes = cfg.num_classes or data.num_classes
     model = _build_model(cfg, num_classes, log)
-    plan = plan_batches(recipe, info.world_size, cfg.accum_steps, cfg.sync_stats)
+    sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
+    plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
     log(plan.description)
     if plan.ghost:
         set_ghost_batch_size(model, plan.ghost)
-    if cfg.sync_stats and info.enabled:
+    if sync_stats and info.enabled:
         convert_sync_switchnorm(model)
     device = torch.device(info.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -231,7 +244,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     clip = (recipe.get("sparsestmax") or {}).get("grad_clip_norm")
     is_ssn = bool(recipe.get("sparsestmax"))
     # Buffers stay per device (broadcasting rank 0's would not be the original's unsynchronised statistics);
-    # they are averaged over ranks before validation and export.
+    # they are averaged over ranks before export, and before validation where the recipe asks for it.
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.enabled else model
     if cfg.compile:
         net = torch.compile(net)
@@ -250,6 +263,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
+        # Each rank continues from its own running statistics; the model's are rank 0's.
+        if info.enabled and not restore_running_stats(model, state.get("rank_running_stats", torch.zeros(0)), info):
+            log(f"the checkpoint holds no running statistics for {info.world_size} ranks: every rank resumes "
+                "from rank 0's")
         set_rng_states(state["rng"])
         log(f"resumed from {run_dir / 'state.pt'} at epoch {start_epoch}, step {start_step_in_epoch} of {steps_per_epoch}")
     # A resumed run drops log lines past its checkpoint, so no step is logged twice.
@@ -264,9 +281,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             last = load_state(run_dir)
             kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written"
             raise TrainingError(f"non-finite weights or statistics after step {step}; stopped, {kept}; lower the learning rate")
+        rank_running_stats = gather_running_stats(model, info)
         if info.is_main:
             save_state(run_dir, model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                       epoch=epoch, step_in_epoch=step_in_epoch, step=step)
+                       epoch=epoch, step_in_epoch=step_in_epoch, step=step, rank_running_stats=rank_running_stats)
 
     workers = default_workers() if cfg.workers is None else cfg.workers
     show_progress = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
@@ -298,12 +316,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             labels = labels.to(device, non_blocking=True)
             loss_sum = torch.zeros((), device=device)
             micro = list(zip(_split(images, plan.accum_steps), _split(labels, plan.accum_steps)))
+            step_statistics = StepStatistics(model, len(micro)) if len(micro) > 1 else None
             for i, (x, y) in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 or not info.enabled else net.no_sync()
                 with sync, autocast:
                     loss = F.cross_entropy(net(x), y, label_smoothing=recipe.get("label_smoothing", 0.0))
                 scaler.scale(loss / len(micro)).backward()
                 loss_sum += loss.detach() / len(micro)
+                if step_statistics:
+                    step_statistics.micro_batch_done(last=i == len(micro) - 1)
             if not all_finite(loss_sum, info):
                 last = load_state(run_dir)
                 kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written yet"
@@ -333,6 +354,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         val_metrics = _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step, logger, log)
         epochs_done = epoch + 1
         checkpoint(epochs_done, 0)
+    # The exported weights hold the statistics averaged over ranks, whatever validation used.
     average_running_stats(model, info)
     summary = {"steps": step, "epochs_done": epochs_done, "stopped_early": stop,
                "val": val_metrics, "seconds": time.perf_counter() - started, "plan": plan.description}
@@ -345,14 +367,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
 
 def _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step, logger, log) -> dict:
-    """Batch-average statistics where the recipe keeps them, cross-rank averaging, then validation on rank 0."""
+    """Batch-average statistics where the recipe keeps them, then validation on rank 0: with the running
+    statistics averaged over ranks where the recipe sets average_running_stats_before_eval, else with rank 0's own
+    (as the original validated; the ranks then keep training with their own)."""
     batch_average = recipe.get("batch_average")
     if batch_average and batch_average_layers(model):
         loader = DataLoader(data.train_eval, batch_size=plan.process_batch, shuffle=True, num_workers=workers,
                             drop_last=True, generator=torch.Generator().manual_seed(epoch))
         used = finalize_batch_average(model, (b[0].to(device) for b in loader), batch_average.get("iterations", 200))
         log(f"epoch {epoch}: batch-average statistics over {used} batches")
-    average_running_stats(model, info)
+    if recipe.get("average_running_stats_before_eval", False):
+        average_running_stats(model, info)
     metrics = {}
     if info.is_main and data.val is not None:
         result = evaluate(model, data.val, batch_size=max(plan.micro_batch, 64), workers=workers, device=device,
@@ -368,10 +393,11 @@ def _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step,
 
 def _run_options(cfg: TrainConfig, plan: BatchPlan) -> dict:
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "recipe"}
+    options["sync_stats"] = synchronised_statistics(cfg.recipe, cfg.sync_stats)
     options["plan"] = plan.description
     options["peak_lr"] = peak_learning_rate(cfg.recipe)
     options["total_batch"] = total_batch(cfg.recipe)
     return options
 
 
-__all__ = ["TrainConfig", "TrainingError", "BatchPlan", "plan_batches", "train"]
+__all__ = ["TrainConfig", "TrainingError", "BatchPlan", "plan_batches", "synchronised_statistics", "train"]

@@ -113,11 +113,22 @@ def _fetch_gdrive(source: Source, partial: Path, progress: Optional[bool], timeo
         result = gdown.download(url=source.url, output=str(partial), quiet=quiet, resume=partial.exists(),
                                 timeout=timeout, retries=3)
     except Exception as exc:  # gdown raises its own and requests' errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DownloadError(f"Google Drive download of {source.url} failed: {reason}") from None
+        raise DownloadError(f"Google Drive download of {source.url} failed: {_gdown_reason(exc)}; "
+                            "use a mirror or --file") from None
     if result is None or not partial.is_file():
         raise DownloadError(f"Google Drive download of {source.url} failed (the link may be dead or over its quota); use a mirror or --file")
     return hash_file(partial)
+
+
+def _gdown_reason(exc: Exception) -> str:
+    """gdown's error on one line; its page errors put the cause in the paragraph after a heading ending in ':'."""
+    paragraphs = [" ".join(line.strip() for line in p.splitlines()) for p in str(exc).strip().split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    if not paragraphs:
+        return type(exc).__name__
+    if len(paragraphs) > 1 and paragraphs[0].endswith(":"):
+        return paragraphs[1]
+    return paragraphs[0]
 
 
 def _hf_hub_file(url: str) -> Path:
