@@ -72,14 +72,34 @@ LAYERS = {
 }
 
 
+# half-precision output against float64: the output's own rounding (2^-8 of |y| in bfloat16, 2^-11 in float16)
+TOL_BF16 = dict(rtol=8e-3, atol=8e-3)
+TOL_F16 = dict(rtol=1e-3, atol=1e-3)
+DTYPES = [(torch.float64, TOL64), (torch.float32, TOL32_KERNEL), (torch.bfloat16, TOL_BF16), (torch.float16, TOL_F16)]
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x with its channels innermost (channels_last for 4-D, channels_last_3d for 5-D, the moved view for 3-D)."""
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL64), (torch.float32, TOL32_KERNEL)])
-def test_kernel_equals_the_float64_reference(kind, dtype, tol):
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_kernel_equals_the_float64_reference(kind, dtype, tol, layout):
+    """Every layer kind, dtype and layout; half-precision x with float32 parameters, as under autocast."""
     make, shape = LAYERS[kind]
-    layer = randomise(make(), seed=3, buffers=True).to(dtype).eval()
-    x = spread_input(shape, dtype, seed=4)
+    layer = randomise(make(), seed=3, buffers=True).to(dtype if dtype in (torch.float64, torch.float32) else torch.float32)
+    layer.eval()
+    x = spread_input(shape, torch.float64, seed=4).to(dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
     y = _kernel(layer, x)
-    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
     np.testing.assert_allclose(to_numpy(y), _reference(layer, x), **tol)
 
 
@@ -130,16 +150,137 @@ def test_kernel_output_does_not_depend_on_the_thread_count():
 
 def test_kernel_rejects_what_it_does_not_cover():
     x = torch.randn(2, 3, 4, 4)
-    w, b = torch.ones(3), torch.zeros(3)
+    w, b = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     op = torch.ops.snzoo.switch_norm_eval
-    with pytest.raises(RuntimeError, match="contiguous"):
-        op(x.to(memory_format=torch.channels_last), w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        op(x[:, :, :, ::2], w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
     with pytest.raises(RuntimeError, match="at least 2 values"):
         op(x[:, :, :1, :1].contiguous(), w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
     with pytest.raises(RuntimeError, match="one value per channel"):
-        op(x, torch.ones(4), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
-    with pytest.raises(RuntimeError, match="x's dtype"):
-        op(x, w.double(), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+        op(x, torch.ones(4, dtype=torch.float64), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="float64"):
+        op(x, w.float(), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x's shape, strides and dtype"):
+        torch.ops.snzoo.sn_grad_sums(x.to(memory_format=torch.channels_last), x, torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="compute dtype"):
+        torch.ops.snzoo.sn_apply(x, torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), torch.zeros(2, 3))
+
+
+# ----------------------------------------------------------------------------- the training passes
+# Shapes for the ops behind training: several chunks of 2048 values per row (L = 4160), more channels than one block
+# of rows holds on (N, L, C), one channel, two values, batch one, 1-d and 3-d inputs.
+OP_SHAPES = [(2, 3, 64, 65), (3, 5, 7, 9), (2, 300, 3, 5), (4, 1, 6, 6), (2, 4, 1, 2), (1, 8, 5, 5), (3, 6, 9),
+             (2, 3, 4, 5, 6)]
+
+
+def _op_input(shape, dtype, seed, layout, mean=0.3, std=1.0):
+    x = spread_input(shape, torch.float64, seed=seed, mean=mean, std=std).to(dtype)
+    return _channels_last(x) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", OP_SHAPES)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_training_passes_equal_float64_on_the_same_values(shape, dtype, tol, layout):
+    """sn_moments, sn_apply, sn_grad_sums and sn_grad_input against float64 on the same (rounded) inputs: the
+    statistics to float32 accumulation (any dtype: half values are summed in float32), the outputs to their dtype."""
+    x = _op_input(shape, dtype, 20, layout)
+    g = _op_input(shape, dtype, 21, layout)
+    n, c = shape[0], shape[1]
+    x64, g64 = x.double().reshape(n, c, -1), g.double().reshape(n, c, -1)
+    mean, var, centre = cpu_kernels.moments(x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == var.dtype == torch.float64 and centre.dtype == acc and mean.shape == (n, c)
+    var_ref, mean_ref = torch.var_mean(x64, dim=2, correction=1)
+    stats_tol = TOL64 if dtype == torch.float64 else TOL32_KERNEL
+    np.testing.assert_allclose(to_numpy(mean), to_numpy(mean_ref), **stats_tol)
+    np.testing.assert_allclose(to_numpy(var), to_numpy(var_ref), **stats_tol)
+    np.testing.assert_allclose(to_numpy(centre), to_numpy(mean_ref), **stats_tol)
+
+    gen = torch.Generator().manual_seed(22)
+    scale, shift, b, c_coef = (torch.randn(n, c, generator=gen, dtype=torch.float64).to(acc) for _ in range(4))
+    row = lambda t: t.double().reshape(n, c, 1)  # noqa: E731
+    y = cpu_kernels.apply_affine(x, centre, scale, shift)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    y_ref = (x64 - row(centre)) * row(scale) + row(shift)
+    np.testing.assert_allclose(to_numpy(y).reshape(n, c, -1), to_numpy(y_ref), **tol)
+
+    sum_g, sum_gd = cpu_kernels.grad_sums(g, x, centre)
+    # sums that cancel are as accurate as float32 accumulation of their terms: tolerance relative to sum |term|
+    for got, terms in ((sum_g, g64), (sum_gd, g64 * (x64 - row(centre)))):
+        bound = stats_tol["atol"] * (1 + terms.abs().sum(2))
+        assert ((got - terms.sum(2)).abs() <= bound).all(), float((got - terms.sum(2)).abs().max())
+
+    dx = cpu_kernels.grad_input(g, x, centre, scale, b, c_coef)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    dx_ref = g64 * row(scale) + (x64 - row(centre)) * row(b) + row(c_coef)
+    np.testing.assert_allclose(to_numpy(dx).reshape(n, c, -1), to_numpy(dx_ref), **tol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_keep_precision_when_the_mean_dwarfs_the_spread(dtype, layout):
+    """mean 1e4, std 1e-2 over rows of several chunks: each chunk's centred second pass and the exact combination
+    of chunks leave the variance as accurate as float32 accumulation allows (a plain sum of squares would lose it
+    all: 1e8 against 1e-4)."""
+    x = _op_input((2, 3, 64, 65), dtype, 23, layout, mean=1e4, std=1e-2)
+    mean, var, _ = cpu_kernels.moments(x)
+    var_ref, mean_ref = torch.var_mean(x.double().reshape(2, 3, -1), dim=2, correction=1)
+    np.testing.assert_allclose(to_numpy(mean), to_numpy(mean_ref), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(to_numpy(var), to_numpy(var_ref), rtol=1e-4, atol=0)
+
+
+def test_bfloat16_output_rounds_to_nearest_even_like_torch():
+    """sn_apply writes bfloat16 as torch rounds float32 (to nearest, ties to even; inf and NaN kept): with scale 1
+    and centre 0 the kernel's float32 value is x + shift exactly, so the results must be equal bit for bit."""
+    x = torch.tensor([1.0, 1.0078125, -1.0, 3.0, float("inf"), float("nan"), 0.0, 1e-3], dtype=torch.bfloat16)
+    shift = torch.tensor([2.0**-8, 2.0**-8, -(2.0**-8), 0.0123, 1.0, 1.0, -0.0, 3e-6])
+    x = x.reshape(1, 8, 1).expand(1, 8, 2).contiguous()
+    y = cpu_kernels.apply_affine(x, torch.zeros(1, 8), torch.ones(1, 8), shift.reshape(1, 8))
+    expected = (x.float() + shift.reshape(1, 8, 1)).to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(y.isnan(), nan)  # a NaN stays NaN (its payload bits are not specified)
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert y[0, 0, 0] == 1.0 and y[0, 1, 0] == 1.015625  # the two ties went to the even neighbour
+    g = spread_input((4, 16, 9, 9), torch.float64, seed=24).to(torch.bfloat16)
+    y = cpu_kernels.apply_affine(g, torch.zeros(4, 16), torch.ones(4, 16), torch.full((4, 16), 1.7))
+    assert torch.equal(y, (g.float() + 1.7).to(torch.bfloat16))
+
+
+def test_training_passes_do_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    results = []
+    for layout in ("contiguous", "channels_last"):
+        x = _op_input((4, 32, 40, 40), torch.float32, 25, layout)
+        try:
+            for count in (1, max(2, threads)):
+                torch.set_num_threads(count)
+                results.append((layout, count, cpu_kernels.moments(x), cpu_kernels.grad_sums(x, x, torch.zeros(4, 32))))
+        finally:
+            torch.set_num_threads(threads)
+    for (_, _, m1, s1), (_, _, m2, s2) in zip(results[::2], results[1::2]):
+        assert all(torch.equal(a, b) for a, b in zip(m1 + s1, m2 + s2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_training_layers_run_on_the_kernel_in_every_dtype_and_layout(dtype, layout, monkeypatch):
+    """A training step of SwitchNorm2d (float32 parameters, as under autocast) calls each kernel pass once: x is
+    read as it is (no upcast copy, no change of layout), and y and dx come back in x's dtype and layout; with the
+    kernel switched off none is called."""
+    calls: list[str] = []
+    for name in ("moments", "apply_affine", "grad_sums", "grad_input"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    layer = randomise(SwitchNorm2d(6), seed=26, buffers=True).train()
+    for enabled in (True, False):
+        calls.clear()
+        x = _op_input((3, 6, 5, 7), dtype, 27, layout).requires_grad_(True)
+        with use_implementation("fused"), cpu_kernels.use_kernel(enabled):
+            y = layer(x)
+            y.backward(torch.ones_like(y))
+        assert y.dtype == dtype and y.stride() == x.stride() and x.grad.stride() == x.stride()
+        assert calls == (["moments", "apply_affine", "grad_sums", "grad_input"] if enabled else [])
 
 
 def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel():

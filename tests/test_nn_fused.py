@@ -38,9 +38,14 @@ except ImportError:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(params=["fast", "generic"])
+@pytest.fixture(params=["kernel", "fast", "generic"])
 def fused_path(request, monkeypatch):
-    """Run the fused implementation with the CPU fast kernels, or forced onto its generic path."""
+    """Run the fused implementation on snzoo's compiled CPU kernel ("kernel", which must build here), on PyTorch's
+    CPU fast kernels ("fast"), or forced onto its generic path (what other devices and torch.compile run)."""
+    if request.param == "kernel":
+        assert cpu_kernels.available()
+    else:
+        monkeypatch.setattr(cpu_kernels, "_enabled", False)
     if request.param == "generic":
         monkeypatch.setattr(fused, "_fast_allowed", lambda x: False)
     with F_sn.use_implementation("fused"):

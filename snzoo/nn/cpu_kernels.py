@@ -1,9 +1,9 @@
-"""snzoo's compiled CPU kernel for eval-mode switchable normalisation, built on first use.
+"""snzoo's compiled CPU kernel for switchable normalisation (training and eval passes), built on first use.
 
 `torch.utils.cpp_extension` compiles snzoo/nn/csrc/switch_norm_cpu.cpp once per machine (about 15 s, with the C++
 compiler PyTorch uses; for the machine's own instruction set) into the cache folder, and later processes load the
 built library. Without a compiler, or with SNZOO_CPU_KERNEL=0, SN layers run their PyTorch formulation: the same
-results, a few percent slower in eval. `use_kernel(False)` switches the kernel off inside a block; `build()` (the
+results, slower (most in bfloat16 and channels_last). `use_kernel(False)` switches the kernel off inside a block; `build()` (the
 command `snzoo build-kernel`) builds it ahead of time, e.g. in a container image.
 
 Environment:
@@ -222,17 +222,53 @@ def use_kernel(enabled: bool) -> Iterator[None]:
 def switch_norm_eval(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], terms: Sequence[str],
                      eps: float) -> Tensor:
-    """Eval-mode SN of contiguous float32 / float64 CPU x (N, C, *), at least 2 values per (sample, channel),
-    through the compiled kernel (call `available()` first). Probabilities are ordered as `terms`."""
+    """Eval-mode SN of CPU x (N, C, *), contiguous or channels_last, float32 / float64 / bfloat16 / float16, at least
+    2 values per (sample, channel), through the compiled kernel (call `available()` first). Probabilities are
+    ordered as `terms`."""
     pm, pv = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
     for t, m, v in zip(terms, mean_probs.tolist(), var_probs.tolist()):
         slot = ("in", "ln", "bn").index(t)
         pm[slot], pv[slot] = m, v
+
     def per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.detach().reshape(-1).to(x.dtype).contiguous()
+        return None if t is None else t.detach().reshape(-1).to(torch.float64).contiguous()
 
     with_bn = "bn" in terms
     return torch.ops.snzoo.switch_norm_eval(
         x, per_channel(weight), per_channel(bias), pm, pv, per_channel(running_mean) if with_bn else None,
         per_channel(running_var) if with_bn else None, eps,
     )
+
+
+def fits(x: Tensor) -> bool:
+    """True when the kernel's full-size passes take x as it is: CPU, a floating dtype it reads natively, dense as
+    (N, C, L) or channels-innermost (N, L, C), at least 2 values per (sample, channel)."""
+    if x.device.type != "cpu" or x.dim() < 3 or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    if x.numel() // (x.shape[0] * x.shape[1]) < 2:
+        return False
+    return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-(n, c) IN mean and unbiased variance (float64, (N, C)) and the centre the kernel's other passes take
+    values relative to (the rounded mean, (N, C), float32 for half inputs, else x's dtype). x must `fits`."""
+    return torch.ops.snzoo.sn_moments(x)
+
+
+def apply_affine(x: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """(x - centre) * scale + shift per (n, c) (all three (N, C) in centre's dtype), in x's dtype and layout."""
+    return torch.ops.snzoo.sn_apply(x, centre, scale, shift)
+
+
+def grad_sums(g: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) sum of g and of g * (x - centre), float64 (N, C); g in x's layout and dtype."""
+    return torch.ops.snzoo.sn_grad_sums(g, x, centre)
+
+
+def grad_input(g: Tensor, x: Tensor, centre: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """g * a + (x - centre) * b + c per (n, c) ((N, C) in centre's dtype), in x's dtype and layout."""
+    return torch.ops.snzoo.sn_grad_input(g, x, centre, a, b, c)

@@ -54,6 +54,13 @@ grad_bias and grad_weight with mean m and invstd 1; no temporary); x * B + C int
 (1 read, 1 write, BatchNorm's inference kernel); + g * a (2 reads, 1 write): 5 reads + 2 writes and one
 allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer first (3 more passes).
 
+snzoo's compiled CPU kernel (`snzoo.nn.cpu_kernels`), where it is built, takes the full-size passes of both
+directions in CPU eager mode for any input it `fits` (contiguous or channels-innermost, float32 / float64 / bfloat16
+/ float16 read and written as they are, float32 accumulation): the statistics in one read from memory (parts of
+the row centred on their own mean and combined exactly, so no conditioning check and no host sync), the output
+in one more; in the backward S1 and sum_L g * (x - m) in one read of g and x, and dx in one pass. The (N, C)
+algebra is the same as below.
+
 Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
 ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: snzoo's
 compiled kernel (`snzoo.nn.cpu_kernels`: statistics in one read of each row, the output in a second, one call per
@@ -349,6 +356,8 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
     lay = _Layout(x)
     c = lay.c
     acc, sd = _acc_dtype(x.dtype), _stat_dtype(x)
+    if allow_fast and cpu_kernels.fits(x) and cpu_kernels.active():
+        return _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, pg, lay)
     v = lay.view3(x)
     if v.dtype != acc:
         v = v.to(acc)
@@ -374,8 +383,24 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
         y = lay.unview3(y3, x)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    saved = (shift, mean_in, mu, r, a, means, variances)
+    saved = (shift, mean_in, mu, r, a, means, variances, False)
     return y, group, saved
+
+
+def _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, pg, lay):
+    """`_core_forward` with its full-size passes in snzoo's CPU kernel: statistics in two reads of each row (centred
+    on the rounded mean, so no conditioning check and no host sync), the output in one more; any layout the kernel
+    `fits`, half-precision values read and written as they are."""
+    c = lay.c
+    mean_in, var_in, centre = cpu_kernels.moments(x)
+    pm, pv = mean_probs.to(torch.float64), var_probs.to(torch.float64)
+    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
+    r = torch.rsqrt(sigma2 + eps)
+    a = weight.reshape(1, c).to(torch.float64) * r
+    offset = mu - centre.to(torch.float64)
+    shift = torch.addcmul(bias.reshape(1, c).to(torch.float64), offset, a, value=-1)
+    y = cpu_kernels.apply_affine(x, centre, a.to(centre.dtype), shift.to(centre.dtype))
+    return y, group, (lay.stat(centre), mean_in, mu, r, a, means, variances, True)
 
 
 def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps) -> Optional[Tensor]:
@@ -388,14 +413,14 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     conditioning check bounds what the subtraction loses. Returns None when the check fails (the caller then takes
     the shifted path of `_core_forward`) or when x does not fit this path.
     """
+    if cpu_kernels.fits(x) and cpu_kernels.active():
+        return cpu_kernels.switch_norm_eval(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
     if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 3:
         return None
     n, c = x.shape[0], x.shape[1]
     length = x.numel() // (n * c)
     if length < 2:
         return None
-    if cpu_kernels.active():
-        return cpu_kernels.switch_norm_eval(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
     lay = _Layout(x)
     v = lay.view3(x)
     mean, css = _moments(v, lay, x.dtype, True)
@@ -430,11 +455,11 @@ class _SwitchNormFunction(torch.autograd.Function):
         y, group, saved = _core_forward(
             x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast, pg
         )
-        shift, mean_in, mu, r, a, means, variances = saved
+        shift, mean_in, mu, r, a, means, variances, kernel = saved
         n, c = mean_in.shape
         means, variances = _stacked(means, n, c), _stacked(variances, n, c)
         ctx.terms, ctx.training, ctx.k, ctx.pg = terms, training, k, pg
-        ctx.shifted, ctx.fast_kernels = shift is not None, allow_fast
+        ctx.shifted, ctx.fast_kernels, ctx.kernel = shift is not None, allow_fast, kernel
         if shift is None:
             shift = mean_in.new_zeros(())
         ctx.save_for_backward(x, weight, bias, mean_probs, var_probs, shift, mean_in, mu, r, a, means, variances)
@@ -453,16 +478,21 @@ class _SwitchNormFunction(torch.autograd.Function):
         lay = _Layout(x)
         n, c, length, red = lay.n, lay.c, lay.length, lay.red
         acc, sd = _acc_dtype(x.dtype), mean_in.dtype
-        v = lay.view3(x)
-        g = lay.view3(grad_y)
-        if v.dtype != acc:
-            v, g = v.to(acc), g.to(acc)
-
         # Full-size reductions S1 = sum_L g and sum_L g * (x - centre), centre = the rounded IN mean (the
         # shift, when the forward used one): centred, so nothing cancels.
-        dx, buf = lay.empty_like(x, dtype=acc)
         centre = shift if ctx.shifted else lay.stat(mean_in.to(acc))
-        s1g, sgc = _centred_grad_sums(g, v, centre, lay, sd, ctx.fast_kernels, buf)
+        if ctx.kernel:
+            if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype:
+                grad_y = torch.empty_like(x).copy_(grad_y)  # the kernel reads g in x's layout
+            centre_k = lay.unstat(centre)
+            s1g, sgc = cpu_kernels.grad_sums(grad_y, x, centre_k)
+        else:
+            v = lay.view3(x)
+            g = lay.view3(grad_y)
+            if v.dtype != acc:
+                v, g = v.to(acc), g.to(acc)
+            dx, buf = lay.empty_like(x, dtype=acc)
+            s1g, sgc = _centred_grad_sums(g, v, centre, lay, sd, ctx.fast_kernels, buf)
         centre_nc = lay.unstat(centre).to(sd)
         offset = mu - centre_nc
 
@@ -507,6 +537,10 @@ class _SwitchNormFunction(torch.autograd.Function):
                 coef_b = (2 / (length - 1)) * d_var_in + torch.zeros_like(mean_in)
             else:
                 coef_b = torch.zeros_like(mean_in)
+            if ctx.kernel:  # g * a + (x - centre) * B + dmean_in / L - B * (mean_in - centre)
+                coef_c = d_mean_in / length - coef_b * (mean_in - centre_nc)
+                grad_x = cpu_kernels.grad_input(grad_y, x, centre_k, a.to(acc), coef_b.to(acc), coef_c.to(acc))
+                return _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_probs, var_probs)
             b3, a3 = lay.stat(coef_b.to(acc)), lay.stat(a.to(acc))
             if ctx.shifted:  # (x - shift) * B + dmean_in / L - B * (mean_in - shift)
                 c3 = lay.stat((d_mean_in / length - coef_b * (mean_in - centre_nc)).to(acc))
@@ -518,17 +552,23 @@ class _SwitchNormFunction(torch.autograd.Function):
             buf.addcmul_(g, a3)
             grad_x = dx if dx.dtype == x.dtype else dx.to(x.dtype)
 
-        def _as(grad, like):
-            return None if grad is None else grad.reshape(like.shape).to(like.dtype)
+        return _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_probs, var_probs)
 
-        return (
-            grad_x,
-            _as(grad_weight, weight),
-            _as(grad_bias, bias),
-            _as(grad_pm, mean_probs),
-            _as(grad_pv, var_probs),
-            None, None, None, None, None, None, None, None,
-        )
+
+def _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_probs, var_probs) -> tuple:
+    """`_SwitchNormFunction.backward`'s result: the parameter gradients in their parameters' shapes and dtypes."""
+
+    def _as(grad, like):
+        return None if grad is None else grad.reshape(like.shape).to(like.dtype)
+
+    return (
+        grad_x,
+        _as(grad_weight, weight),
+        _as(grad_bias, bias),
+        _as(grad_pm, mean_probs),
+        _as(grad_pv, var_probs),
+        None, None, None, None, None, None, None, None,
+    )
 
 
 def _all_ranks_mean(local_sums: Tensor, count: int, pg) -> Tensor:
