@@ -429,3 +429,14 @@ def test_build_kernel_command_without_a_compiler_says_why_and_leaves_nothing(tmp
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not build the SN CPU kernel") and "no-such-compiler: not found" in last
     assert "apt-get install g++" in last and list(cache.iterdir()) == []
+
+
+def test_a_missing_kernel_source_is_one_clear_error(monkeypatch, tmp_path):
+    """An install without snzoo/nn/csrc (a broken package): `snzoo build-kernel` says so in one line, no traceback."""
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "csrc" / "switch_norm_cpu.cpp")
+    with pytest.raises(snzoo.errors.KernelBuildError, match="source .* is missing; reinstall snzoo"):
+        cpu_kernels.build()
+    result = CliRunner().invoke(cli, ["build-kernel"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the SN CPU kernel's source") and "Traceback" not in result.output

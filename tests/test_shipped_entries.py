@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from snzoo.weights import fetch_weights
 from snzoo.weights.maintenance import verify_entry
 
 REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST_TEST_IMAGES = 10_000
 SHIPPED = [name for name, e in zoo.load_manifest().entries.items() if e.sources[0].kind == "package"]
 
 
@@ -46,8 +48,19 @@ def test_make_demo_fetches_verifies_and_evaluates_the_default_entry():
     entry = zoo.get_entry("resnet20_sn")
     full = entry.metrics["fashion-mnist-test"]
     line = next(l for l in out.stdout.splitlines() if l.startswith(f"{entry.name}: top-1"))
-    assert "on 10000 images" in line
-    assert f"published {full.top1:.2f} / {full.top5:.2f}" in line
+    measured = re.match(
+        rf"{re.escape(entry.name)}: top-1 (?P<top1>\d+\.\d+)  top-5 (?P<top5>\d+\.\d+)  on (?P<n>\d+) images  .*"
+        r"\(published (?P<pub1>\d+\.\d+) / (?P<pub5>\d+\.\d+): (?P<diff>[+-]\d+\.\d+) top-1\)$", line)
+    assert measured, f"unexpected eval line: {line!r}"
+    assert int(measured["n"]) == FASHION_MNIST_TEST_IMAGES, line
+    assert (float(measured["pub1"]), float(measured["pub5"])) == (full.top1, full.top5), line
+    # The published numbers were measured by this same `snzoo eval` on these same 10,000 images and rounded to
+    # 2 decimals (results/build_entries.py); one image is 0.01 points, so any drift is at least one image and
+    # shows at the published precision: the measured numbers must round to exactly the published ones.
+    top1, top5 = float(measured["top1"]), float(measured["top5"])
+    assert (round(top1, 2), round(top5, 2)) == (full.top1, full.top5), (
+        f"demo measured {top1} / {top5} on the full test set, published {full.top1} / {full.top5}")
+    assert float(measured["diff"]) == round(top1 - full.top1, 2), line
     assert "no published checksum" not in out.stderr
 
 

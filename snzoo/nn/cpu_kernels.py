@@ -81,6 +81,9 @@ def build() -> Path:
     global _loaded
     if _switched_off():
         raise KernelBuildError("the SN CPU kernel is switched off by SNZOO_CPU_KERNEL=0; unset it to build the kernel")
+    if not SOURCE.is_file():
+        raise KernelBuildError(f"the SN CPU kernel's source {SOURCE} is missing; reinstall snzoo (pip install "
+                               "--force-reinstall snzoo)")
     library = library_path()
     with _lock:
         if not hasattr(torch.ops.snzoo, "switch_norm_eval"):  # else loaded already, by this or another copy of us
