@@ -313,3 +313,23 @@ def test_training_from_list_files(tmp_path):
             "--set", "model_note=list-files"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["val"]["n"] == 16
+
+
+def test_the_last_line_says_what_was_done(tmp_path):
+    """A run cut by --max-steps says how far it got and that no epoch ended; a finished run gives its metrics."""
+    recipe = recipe_file(tmp_path, epochs=1)
+    short = CliRunner().invoke(cli, ["train", "resnet20_sn", "--recipe", str(recipe), "-o", str(tmp_path / "short"),
+                                     *COMMON, "--max-steps", "2"])
+    assert short.exit_code == 0, short.output
+    last = [line for line in short.output.splitlines() if line.startswith("[snzoo train] done:")]
+    assert len(last) == 1 and last[0].startswith(
+        "[snzoo train] done: 2 steps, 0 epochs (stopped at --max-steps); no validation (no epoch ended) -> "
+    ), short.output[-2000:]
+    assert last[0].endswith(".safetensors")
+    full = CliRunner().invoke(cli, ["train", "resnet20_sn", "--recipe", str(recipe), "-o", str(tmp_path / "full"),
+                                    *COMMON])
+    assert full.exit_code == 0, full.output
+    (done,) = [line for line in full.output.splitlines() if line.startswith("[snzoo train] done:")]
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert done.startswith(f"[snzoo train] done: {summary['steps']} steps, 1 epochs; ") and "top1" in done, done
+    assert done.endswith(f"-> {summary['weights']}")

@@ -71,291 +71,34 @@ it runs out of place with addcmul, so the exported graph is the fused formula: p
 multiply-add.
 """
 
+
 from __future__ import annotations
 
-import functools
-import math
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from snzoo.nn import cpu_kernels
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-# ------------------------------------------------------------------------------------------------- layout
-class _Layout:
-    """How x is viewed as a 3-D tensor without copying: (N, C, L) reduced over dim 2, or (N, L, C) over dim 1."""
-
-    __slots__ = ("c", "length", "n", "nlc", "red")
-
-    def __init__(self, x: Tensor) -> None:
-        self.n, self.c = x.shape[0], x.shape[1]
-        self.length = math.prod(x.shape[2:])
-        # channels_last (or any layout with the channels innermost): compute on the (N, L, C) view.
-        self.nlc = x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-        self.red = 1 if self.nlc else 2
-
-    def view3(self, t: Tensor) -> Tensor:
-        """t (shaped like x) viewed as (N, C, L) or (N, L, C); copies only when t has another layout."""
-        if self.nlc:
-            return t.movedim(1, -1).reshape(self.n, self.length, self.c)
-        return t.reshape(self.n, self.c, self.length)
-
-    def empty_like(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-        """A new tensor shaped like x in this layout, and its 3-D view."""
-        fmt = torch.preserve_format if self.nlc else torch.contiguous_format
-        full = torch.empty_like(x, dtype=dtype, memory_format=fmt)
-        return full, self.view3(full)
-
-    def unview3(self, t3: Tensor, x: Tensor) -> Tensor:
-        """Inverse of view3: a 3-D result back to x's shape (x's layout)."""
-        if self.nlc:
-            return t3.reshape((self.n,) + tuple(x.shape[2:]) + (self.c,)).movedim(-1, 1)
-        return t3.reshape(x.shape)
-
-    def stat(self, t: Tensor) -> Tensor:
-        """An (N, C) tensor shaped to broadcast against the 3-D view."""
-        return t.reshape(self.n, 1, self.c) if self.nlc else t.reshape(self.n, self.c, 1)
-
-    def unstat(self, t: Tensor) -> Tensor:
-        return t.reshape(self.n, self.c)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / compute dtype of the full-size passes: float32 for half inputs."""
-    return torch.float32 if dtype in _HALF else dtype
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    """dtype of the tiny (N, C) statistics: float64 where the device has it."""
-    return torch.float32 if x.device.type == "mps" else torch.float64
-
-
-@functools.lru_cache(maxsize=32)
-def _identity_bn_stats(size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean 0, variance 1 and an empty tensor for BatchNorm's inference kernel used as a plain multiply-add."""
-    with torch.inference_mode(False):  # ordinary tensors even when first built under inference_mode
-        return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype), torch.empty(0, dtype=dtype)
-
-
-def _moments(t: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and sum of squared deviations of the 3-D view t, as (N, C) tensors in the stats dtype.
-
-    (N, C, L): sum and sum of squares (two vectorised reads, no temporary); the sum of squared deviations is
-    s2 - s1^2 / L, accurate when the mean is not large against the spread (the callers check, or pass a
-    centred t). (N, L, C) in CPU eager mode: BatchNorm's channels-last statistics kernel on each sample
-    (mean, then squared deviations; one call per sample); otherwise sum and a product temporary.
-    """
-    length, red = lay.length, lay.red
-    if lay.nlc and fast_kernels:
-        means, variances = [], []
-        for i in range(lay.n):  # sample i as a (1, C, L, 1) channels_last tensor: no copy
-            mean_i, var_i = torch.batch_norm_update_stats(t[i].t().unsqueeze(0).unsqueeze(-1), None, None, 0.0)
-            means.append(mean_i)
-            variances.append(var_i)
-        mean = torch.stack(means).to(sd)
-        return mean, torch.stack(variances).to(sd) * length
-    s1 = lay.unstat(t.sum(red, keepdim=True)).to(sd)
-    if red == t.dim() - 1:
-        s2 = torch.linalg.vector_norm(t, 2, dim=red, keepdim=True).square_()
-    else:
-        s2 = (t * t).sum(red, keepdim=True)
-    mean = s1 / length
-    return mean, lay.unstat(s2).to(sd).addcmul_(s1, mean, value=-1)
-
-
-def _centred_grad_sums(g: Tensor, v: Tensor, centre: Tensor, lay: _Layout, sd: torch.dtype, fast_kernels: bool,
-                       buf: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) sum_L g and sum_L g * (v - centre), as (N, C) tensors in the stats dtype.
-
-    In CPU eager mode BatchNorm's backward kernel computes both in one read of g and v, without a temporary
-    (its grad_bias and grad_weight with mean = centre, invstd = 1). Otherwise buf (full-size) holds the product.
-    """
-    if fast_kernels:
-        # the kernel reads grad and input in the input's memory format: both must be dense in the 3-D layout
-        g, v = g.contiguous(), v.contiguous()
-        if not lay.nlc:
-            nc, length = lay.n * lay.c, lay.length
-            _, dot, s1 = torch.ops.aten.native_batch_norm_backward(
-                g.view(1, nc, length), v.view(1, nc, length), None, None, None, centre.reshape(nc),
-                _identity_bn_stats(nc, v.dtype)[1], True, 0.0, [False, True, True],
-            )
-        else:  # one call per sample, each a (1, C, L, 1) channels_last tensor
-            ones = _identity_bn_stats(lay.c, v.dtype)[1]
-            sums = [
-                torch.ops.aten.native_batch_norm_backward(
-                    g[i].t()[None, :, :, None], v[i].t()[None, :, :, None], None, None, None, centre[i].reshape(-1),
-                    ones, True, 0.0, [False, True, True],
-                )
-                for i in range(lay.n)
-            ]
-            dot, s1 = torch.stack([t[1] for t in sums]), torch.stack([t[2] for t in sums])
-        return lay.unstat(s1).to(sd), lay.unstat(dot).to(sd)
-    s1 = g.sum(lay.red, keepdim=True)
-    torch.sub(v, centre, out=buf)
-    buf.mul_(g)
-    return lay.unstat(s1).to(sd), lay.unstat(buf.sum(lay.red, keepdim=True)).to(sd)
-
-
-def _affine(base: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor], fast_kernels: bool) -> Tensor:
-    """base * scale + shift with per-(n, c) scale and shift (stat-shaped), into out when given.
-
-    On the (N, C, L) layout both scale and shift broadcast along the innermost dim, which TensorIterator's
-    addcmul does not vectorise; in CPU eager mode BatchNorm's inference kernel does the same multiply-add
-    vectorised (base viewed as (1, N*C, L), mean 0, variance 1, eps 0, weight = scale, bias = shift).
-    """
-    if out is None:
-        return torch.addcmul(shift, base, scale)
-    if fast_kernels and base.dim() == 3 and shift.shape[-1] == 1 and base.is_contiguous() and out.is_contiguous():
-        n, c, length = base.shape
-        zeros, ones, nothing = _identity_bn_stats(n * c, base.dtype)
-        torch.ops.aten.native_batch_norm.out(
-            base.view(1, n * c, length), scale.reshape(n * c), shift.reshape(n * c), zeros, ones, False, 0.0, 0.0,
-            out=out.view(1, n * c, length), save_mean=nothing, save_invstd=nothing,
-        )
-        return out
-    return torch.addcmul(shift, base, scale, out=out)
-
-
-# --------------------------------------------------------------------------------------- tiny statistics
-def _group_size(n: int, ghost_batch_size: Optional[int]) -> int:
-    if ghost_batch_size is None or ghost_batch_size >= n:
-        return n
-    if n % ghost_batch_size:
-        raise ValueError(
-            f"batch of {n} samples does not split into ghost batches of {ghost_batch_size}; "
-            "use a batch size that is a multiple of the ghost batch size (e.g. drop_last=True in the DataLoader)"
-        )
-    return ghost_batch_size
-
-
-def _mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv, pg=None):
-    """Mixed mean and variance (N, C) from the IN statistics, plus what backward and the running update need.
-
-    Returns (mu, sigma2, means, variances, group): means / variances list the statistics of the K terms in their
-    own broadcastable shapes ((N, C) for IN and training BN, (N, 1) for LN, (1, C) for eval BN), so that no
-    (K, N, C) tensor is built unless the backward needs it; group = the BN statistics (G, C) of each (ghost)
-    batch in training with a BN term, else None. With a process group pg the BN statistics are those of the
-    samples of every rank (then G = 1).
-    """
-    n, c = mean_in.shape
-    means, variances = [], []
-    group = None
-    for t in terms:
-        if t == "in":
-            mean_t, var_t = mean_in, var_in
-        elif t == "ln":
-            mean_t, var_t = _pooled(mean_in, var_in, 1)
-        elif t == "bn" and training and pg is not None:
-            mean_t, var_t = _synchronised_bn_stats(mean_in, var_in, pg)
-            group = (mean_t, var_t)
-        elif t == "bn" and training:
-            g = n // k
-            mean_g, var_g = _pooled(mean_in.reshape(g, k, c), var_in.reshape(g, k, c), 1)
-            group = (mean_g.reshape(g, c), var_g.reshape(g, c))
-            mean_t, var_t = mean_g.expand(g, k, c).reshape(n, c), var_g.expand(g, k, c).reshape(n, c)
-        elif t == "bn":
-            mean_t, var_t = rm.reshape(1, c).to(mean_in.dtype), rv.reshape(1, c).to(mean_in.dtype)
-        else:
-            raise ValueError(f"unknown switchable-normalisation term {t!r}")
-        means.append(mean_t)
-        variances.append(var_t)
-    return _mix(pm, means, mean_in), _mix(pv, variances, mean_in), means, variances, group
-
-
-def _pooled(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Mean and variance of the groups whose per-group statistics are pooled along dim (kept), in the
-    cancellation-free form mean(var) + mean((mean - pooled mean)^2)."""
-    pooled = mean.mean(dim, keepdim=True)
-    return pooled, var.mean(dim, keepdim=True) + (mean - pooled).square().mean(dim, keepdim=True)
-
-
-def _synchronised_bn_stats(mean_in: Tensor, var_in: Tensor, pg) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and variance (1, C) over the samples of every rank of process group pg.
-
-    Each rank contributes its count, mean and sum of squared deviations; one all_gather, then Chan's parallel
-    combination, so that nothing cancels (the same values as E[x^2] - mean^2, without its rounding).
-    """
-    n, c = mean_in.shape
-    local_mean = mean_in.mean(0)
-    local_m2 = (var_in + (mean_in - local_mean).square()).sum(0)
-    packed = torch.cat([mean_in.new_full((1,), float(n)), local_mean, local_m2])
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(gathered, packed, group=pg)
-    table = torch.stack(gathered)
-    counts, means, m2 = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total
-    var = (m2 + counts * (means - mean).square()).sum(0) / total
-    return mean.reshape(1, c), var.reshape(1, c)
-
-
-def _mix(probs: Tensor, stats: list, like: Tensor) -> Tensor:
-    """sum_k probs[k] * stats[k], broadcast to like's (N, C) shape (one multiply-add per term)."""
-    weights = probs.unbind(0)
-    mixed = torch.zeros_like(like)
-    for p, stat in zip(weights, stats):
-        mixed = torch.addcmul(mixed, stat, p)
-    return mixed
-
-
-def _stacked(stats: list, n: int, c: int) -> Tensor:
-    """The per-term statistics as one (K, N, C) tensor, for the backward."""
-    return torch.stack([t.expand(n, c) for t in stats])
-
-
-# Largest mean_in^2 / (var_in + eps) for which the plain sums are accurate enough: their relative error on the
-# variance is about eps_dtype * (that ratio) * a small factor, i.e. <= ~1e-5 (float32) / ~1e-11 (float64).
-_CONDITION_LIMIT = {torch.float32: 64.0, torch.float64: 1e4}
-
-
-def _well_conditioned(mean: Tensor, var_in: Tensor, eps: float, dtype: torch.dtype) -> bool:
-    """True unless some (n, c) has mean^2 > limit * (var + eps), where the plain sums lose too much."""
-    # mean^2 > limit * (var + eps)  <=>  var - mean^2 / limit < -eps: one operation and one reduction
-    return not float(torch.addcmul(var_in, mean, mean, value=-1.0 / _CONDITION_LIMIT[dtype]).min()) < -eps
+from snzoo.nn import _reference, cpu_kernels
+from snzoo.nn._fused_passes import (
+    HALF, Layout, acc_dtype, affine, centred_grad_sums, instance_moments, moments, stat_dtype, well_conditioned,
+)
+from snzoo.nn._fused_stats import all_ranks_mean, group_size, mixed_stats, pooled, resolve_process_group, stacked
 
 
 def _fast_allowed(x: Tensor) -> bool:
     """Plain moments with a host-side conditioning check, and BatchNorm's CPU kernels: CPU eager mode only."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64, *_HALF) or _exporting():
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64, *HALF) or _exporting():
         return False
     return not torch.compiler.is_compiling()
-
-
-def _instance_moments(v: Tensor, lay: _Layout, sd, eps: float, allow_fast: bool, out: Optional[Tensor]):
-    """Per-(n, c) mean and unbiased variance (N, C) in the stats dtype, from the 3-D view v (compute dtype).
-
-    Returns (mean_in, var_in, shift, d): shift is None when the plain moments of v were accurate enough (then d
-    is None too); otherwise shift (stat-shaped, v's dtype) is the rounded mean and d = v - shift (written into
-    out when given), whose moments give the statistics (the shifted two-pass variance, free of cancellation).
-    """
-    length = lay.length
-    if length == 1:  # a single value: mean = x, variance defined as 0 (the original gives 0/0)
-        shift = v.detach()
-        d = torch.sub(v, shift, out=out) if out is not None else v - shift
-        mean_in = lay.unstat(v).to(sd)
-        return mean_in, torch.zeros_like(mean_in), shift, d
-    mean, css = _moments(v, lay, sd, allow_fast)
-    if allow_fast:
-        var_in = css / (length - 1)
-        if _well_conditioned(mean, var_in, eps, v.dtype):
-            return mean, var_in, None, None
-    shift = lay.stat(mean.detach().to(v.dtype))  # y does not depend on the shift: no gradient through it
-    d = torch.sub(v, shift, out=out) if out is not None else v - shift
-    mean_d, css_d = _moments(d, lay, sd, allow_fast)
-    return lay.unstat(shift).to(sd) + mean_d, css_d / (length - 1), shift, d
 
 
 def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, inplace, allow_fast,
                   pg=None):
     """The fused forward. Returns y, the per-group BN statistics (or None) and what the backward needs."""
-    lay = _Layout(x)
+    lay = Layout(x)
     c = lay.c
-    acc, sd = _acc_dtype(x.dtype), _stat_dtype(x)
+    acc, sd = acc_dtype(x.dtype), stat_dtype(x)
     if allow_fast and cpu_kernels.fits(x) and cpu_kernels.active():
         return _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, pg, lay)
     v = lay.view3(x)
@@ -364,10 +107,10 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
     y = y3 = None
     if inplace:
         y, y3 = lay.empty_like(x, dtype=acc)
-    mean_in, var_in, shift, d = _instance_moments(v, lay, sd, eps, allow_fast, y3)
+    mean_in, var_in, shift, d = instance_moments(v, lay, sd, eps, allow_fast, y3)
 
     pm, pv = mean_probs.to(sd), var_probs.to(sd)
-    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
+    mu, sigma2, means, variances, group = mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
     r = torch.rsqrt(sigma2 + eps)
     w, b = weight.reshape(1, c).to(sd), bias.reshape(1, c).to(sd)
     a = w * r
@@ -377,9 +120,9 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
         base, offset = d, mu - lay.unstat(shift).to(sd)
     scale3, shift3 = lay.stat(a.to(acc)), lay.stat((b - offset * a).to(acc))
     if inplace:
-        _affine(base, scale3, shift3, y3, allow_fast)
+        affine(base, scale3, shift3, y3, allow_fast)
     else:
-        y3 = _affine(base, scale3, shift3, None, False)
+        y3 = affine(base, scale3, shift3, None, False)
         y = lay.unview3(y3, x)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -394,7 +137,7 @@ def _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, train
     c = lay.c
     mean_in, var_in, centre = cpu_kernels.moments(x)
     pm, pv = mean_probs.to(torch.float64), var_probs.to(torch.float64)
-    mu, sigma2, means, variances, group = _mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
+    mu, sigma2, means, variances, group = mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
     r = torch.rsqrt(sigma2 + eps)
     a = weight.reshape(1, c).to(torch.float64) * r
     offset = mu - centre.to(torch.float64)
@@ -421,18 +164,18 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     length = x.numel() // (n * c)
     if length < 2:
         return None
-    lay = _Layout(x)
+    lay = Layout(x)
     v = lay.view3(x)
-    mean, css = _moments(v, lay, x.dtype, True)
+    mean, css = moments(v, lay, x.dtype, True)
     var_in = css.mul_(1.0 / (length - 1))
-    if not _well_conditioned(mean, var_in, eps, x.dtype):
+    if not well_conditioned(mean, var_in, eps, x.dtype):
         return None
     mu = sigma2 = None
     for t, pm, pv in zip(terms, mean_probs.tolist(), var_probs.tolist()):
         if t == "in":
             mean_t, var_t = mean, var_in
         elif t == "ln":
-            mean_t, var_t = _pooled(mean, var_in, 1)
+            mean_t, var_t = pooled(mean, var_in, 1)
         else:  # "bn" in eval: the running buffers
             mean_t, var_t = rm.reshape(1, c), rv.reshape(1, c)
         if mu is None:
@@ -443,7 +186,7 @@ def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps
     scale = sigma2.add_(eps).rsqrt_().mul_(weight.reshape(1, c))
     shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _affine(v, scale.to(x.dtype).reshape(n, c, 1), shift.to(x.dtype).reshape(n, c, 1), y.view(n, c, length), True)
+    affine(v, scale.to(x.dtype).reshape(n, c, 1), shift.to(x.dtype).reshape(n, c, 1), y.view(n, c, length), True)
     return y
 
 
@@ -457,7 +200,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         )
         shift, mean_in, mu, r, a, means, variances, kernel = saved
         n, c = mean_in.shape
-        means, variances = _stacked(means, n, c), _stacked(variances, n, c)
+        means, variances = stacked(means, n, c), stacked(variances, n, c)
         ctx.terms, ctx.training, ctx.k, ctx.pg = terms, training, k, pg
         ctx.shifted, ctx.fast_kernels, ctx.kernel = shift is not None, allow_fast, kernel
         if shift is None:
@@ -475,9 +218,9 @@ class _SwitchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean_g=None, _grad_var_g=None):
         x, weight, bias, mean_probs, var_probs, shift, mean_in, mu, r, a, means, variances = ctx.saved_tensors
         terms, training, k = ctx.terms, ctx.training, ctx.k
-        lay = _Layout(x)
+        lay = Layout(x)
         n, c, length, red = lay.n, lay.c, lay.length, lay.red
-        acc, sd = _acc_dtype(x.dtype), mean_in.dtype
+        acc, sd = acc_dtype(x.dtype), mean_in.dtype
         # Full-size reductions S1 = sum_L g and sum_L g * (x - centre), centre = the rounded IN mean (the
         # shift, when the forward used one): centred, so nothing cancels.
         centre = shift if ctx.shifted else lay.stat(mean_in.to(acc))
@@ -492,7 +235,7 @@ class _SwitchNormFunction(torch.autograd.Function):
             if v.dtype != acc:
                 v, g = v.to(acc), g.to(acc)
             dx, buf = lay.empty_like(x, dtype=acc)
-            s1g, sgc = _centred_grad_sums(g, v, centre, lay, sd, ctx.fast_kernels, buf)
+            s1g, sgc = centred_grad_sums(g, v, centre, lay, sd, ctx.fast_kernels, buf)
         centre_nc = lay.unstat(centre).to(sd)
         offset = mu - centre_nc
 
@@ -519,7 +262,7 @@ class _SwitchNormFunction(torch.autograd.Function):
                     gm, gv = gm.mean(1, keepdim=True), gv.mean(1, keepdim=True)
                 elif t == "bn" and training and ctx.pg is not None:
                     # mean_bn and var_bn average over the samples of every rank: so do their gradients
-                    gm, gv = _all_ranks_mean(torch.stack([gm.sum(0), gv.sum(0)]), n, ctx.pg).unbind(0)
+                    gm, gv = all_ranks_mean(torch.stack([gm.sum(0), gv.sum(0)]), n, ctx.pg).unbind(0)
                 elif t == "bn" and training:
                     groups = n // k
                     gm, gv = (
@@ -545,10 +288,10 @@ class _SwitchNormFunction(torch.autograd.Function):
             if ctx.shifted:  # (x - shift) * B + dmean_in / L - B * (mean_in - shift)
                 c3 = lay.stat((d_mean_in / length - coef_b * (mean_in - centre_nc)).to(acc))
                 torch.sub(v, shift, out=buf)
-                _affine(buf, b3, c3, buf, ctx.fast_kernels)
+                affine(buf, b3, c3, buf, ctx.fast_kernels)
             else:  # x * B + dmean_in / L - B * mean_in: well conditioned (checked in the forward)
                 c3 = lay.stat((d_mean_in / length - coef_b * mean_in).to(acc))
-                _affine(v, b3, c3, buf, ctx.fast_kernels)
+                affine(v, b3, c3, buf, ctx.fast_kernels)
             buf.addcmul_(g, a3)
             grad_x = dx if dx.dtype == x.dtype else dx.to(x.dtype)
 
@@ -569,21 +312,6 @@ def _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_
         _as(grad_pv, var_probs),
         None, None, None, None, None, None, None, None,
     )
-
-
-def _all_ranks_mean(local_sums: Tensor, count: int, pg) -> Tensor:
-    """Sums over the local samples (any shape), summed over every rank of pg and divided by the number of samples
-    of all ranks: one all_reduce."""
-    packed = torch.cat([local_sums.reshape(-1), local_sums.new_full((1,), float(count))])
-    dist.all_reduce(packed, group=pg)
-    return (packed[:-1] / packed[-1]).reshape(local_sums.shape)
-
-
-def _process_group(process_group: Optional[object]):
-    """The torch.distributed group to synchronise over (True: the default group), or None."""
-    if process_group is None:
-        return None
-    return dist.group.WORLD if process_group is True else process_group
 
 
 def _exporting() -> bool:
@@ -619,20 +347,18 @@ def switch_norm_fused(
     all_reduce in the backward; every rank needs a non-empty batch, as with DDP's drop_last). Inputs of fewer
     than 3 dimensions and empty inputs take the reference implementation.
     """
-    from snzoo.nn import functional as F_sn
-
     if x.dim() < 3 or x.numel() == 0:
-        return F_sn.switch_norm_reference(
+        return _reference.switch_norm_reference(
             x, weight, bias, mean_probs, var_probs, running_mean, running_var, terms=terms, training=training,
             momentum=momentum, eps=eps, using_moving_average=using_moving_average,
             ghost_batch_size=ghost_batch_size, process_group=process_group,
         )
     terms = tuple(terms)
     use_bn = "bn" in terms
-    pg = _process_group(process_group) if (training and use_bn) else None
+    pg = resolve_process_group(process_group) if (training and use_bn) else None
     if pg is not None and ghost_batch_size is not None:
         raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
-    k = _group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
+    k = group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
     rm = None if training or not use_bn else running_mean
     rv = None if training or not use_bn else running_var
     needs_grad = torch.is_grad_enabled() and (
@@ -657,7 +383,7 @@ def switch_norm_fused(
             )
     if training and use_bn:
         mean_g, var_g = group
-        F_sn.update_running_stats(
+        _reference.update_running_stats(
             running_mean, running_var, mean_g.unsqueeze(-1), var_g.unsqueeze(-1), momentum, using_moving_average
         )
     return y

@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if info.is_main:
         summary.update(export_run(run_dir, model, cfg, data, val_metrics))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"done: {json.dumps(summary.get('val') or {})} -> {summary.get('weights')}")
+        log(_done_line(summary))
     logger.close()
     return summary
 
@@ -401,3 +401,15 @@ def _run_options(cfg: TrainConfig, plan: BatchPlan) -> dict:
 
 
 __all__ = ["TrainConfig", "TrainingError", "BatchPlan", "plan_batches", "synchronised_statistics", "train"]
+
+
+def _done_line(summary: dict) -> str:
+    """The run's last log line: what was done (steps, epochs, why it stopped), the validation metrics where an epoch
+    ended, and where the weights are."""
+    done = f"{summary['steps']} steps, {summary['epochs_done']} epochs"
+    if summary["stopped_early"]:
+        done += " (stopped at --max-steps)"
+    val = summary.get("val")
+    metrics = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()) if val else (
+        "no validation (no epoch ended)")
+    return f"done: {done}; {metrics} -> {summary.get('weights')}"
