@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -39,3 +40,22 @@ def environment() -> str:
     """Torch version, threads and hardware, for the report header."""
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
             f"python {platform.python_version()}")
+
+
+def timed_train_step(model, images, labels, optimizer, loss_fn, autocast, sync, scaler=None) -> float:
+    """Seconds of one training step (zero_grad, forward under `autocast`, backward, optimizer step; through a
+    GradScaler when given), with `sync` waiting for the device on both ends."""
+    sync()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = loss_fn(model(images), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    sync()
+    return time.perf_counter() - start

@@ -14,6 +14,7 @@ training memory is measured for each variant in a fresh process (this script, re
 
     .venv/bin/python benchmarks/sn_speed.py [--batch 8] [--size 224] [--arch-depth 50] [--threads N]
         [--repeats 5] [--warmup 2] [--device cuda --amp bf16] [--json FILE]
+    .venv/bin/python benchmarks/sn_speed.py --grid [--device cuda] [--compile]   # every cell: benchmarks/sn_grid.py
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from torch import nn
 import snzoo
 from snzoo.nn import functional as sn_functional
 
+import sn_grid
+from common import timed_train_step
 from straightforward_sn import swap_in_straightforward
 
 AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -148,20 +151,8 @@ class Runner:
         """Seconds of one forward + backward + SGD step in training mode."""
         self.model.train()
         with implementation(self.variant.implementation, self.variant.kernel):
-            self._sync()
-            start = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss = self.loss_fn(self.model(self.images), self.labels)
-            if self.scaler is None:
-                loss.backward()
-                self.optimizer.step()
-            else:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            self._sync()
-            return time.perf_counter() - start
+            return timed_train_step(self.model, self.images, self.labels, self.optimizer, self.loss_fn,
+                                    self._autocast, self._sync, self.scaler)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -305,6 +296,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=sorted(AMP), help="autocast dtype, e.g. bf16 on a GPU")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one variant's memory, as JSON
+    parser.add_argument("--grid", action="store_true", help="the whole SN / BN grid (benchmarks/sn_grid.py)")
+    sn_grid.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here")
@@ -316,6 +309,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.grid_memory_probe:
+        sn_grid.run_memory_probe(args.grid_memory_probe)
+        return
+    if args.grid:
+        sn_grid.main(args)
+        return
     rows_to_run, notes = variants(args.device)
     if args.memory_probe:
         variant = next(v for v in rows_to_run if v.key == args.memory_probe)

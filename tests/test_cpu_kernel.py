@@ -1,6 +1,6 @@
-"""The compiled CPU kernel of eval-mode SN (snzoo/nn/csrc, loaded by snzoo.nn.cpu_kernels): against the float64
-NumPy reference, on both of its schedules, on stress inputs, across thread counts, on a shipped model with real
-images, and its fallback when it cannot be built."""
+"""The compiled CPU kernel of SN (snzoo/nn/csrc, loaded by snzoo.nn.cpu_kernels): the whole-layer operator in eval
+and training and its full-size passes, against float64 references, on both of its schedules, on stress inputs, across
+thread counts, on a shipped model with real images, and its fallback when it cannot be built."""
 
 from __future__ import annotations
 
@@ -50,12 +50,14 @@ def _reference(layer, x: torch.Tensor) -> np.ndarray:
 
 
 def _kernel(layer, x: torch.Tensor) -> torch.Tensor:
+    """The whole-layer operator in eval mode, without gradients."""
     mean_probs, var_probs = layer.importance_weights()
     rm = layer.running_mean if layer.using_bn else None
     rv = layer.running_var if layer.using_bn else None
     with torch.no_grad():
-        return cpu_kernels.switch_norm_eval(x, layer.weight, layer.bias, mean_probs, var_probs, rm, rv,
-                                            terms_of(layer), layer.eps)
+        return cpu_kernels.switch_norm(x, layer.weight, layer.bias, mean_probs, var_probs,
+                                       cpu_kernels.term_slots(terms_of(layer)), x.shape[0], rm, rv, False,
+                                       layer.momentum, True, layer.eps)
 
 
 LAYERS = {
@@ -150,16 +152,24 @@ def test_kernel_output_does_not_depend_on_the_thread_count():
 
 def test_kernel_rejects_what_it_does_not_cover():
     x = torch.randn(2, 3, 4, 4)
-    w, b = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    op = torch.ops.snzoo.switch_norm_eval
+    w, b, p = torch.ones(3), torch.zeros(3), torch.full((3,), 1 / 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def layer(x, w=w, slots=(0, 1, 2), group=2, running=(rm, rv), training=False):
+        return torch.ops.snzoo.switch_norm(x, w, b, p, p, list(slots), group, *running, training, 0.9, True, 1e-5)
+
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
-        op(x[:, :, :, ::2], w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+        layer(x[:, :, :, ::2])
     with pytest.raises(RuntimeError, match="at least 2 values"):
-        op(x[:, :, :1, :1].contiguous(), w, b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
-    with pytest.raises(RuntimeError, match="one value per channel"):
-        op(x, torch.ones(4, dtype=torch.float64), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
-    with pytest.raises(RuntimeError, match="float64"):
-        op(x, w.float(), b, [1.0, 0, 0], [1.0, 0, 0], None, None, 1e-5)
+        layer(x[:, :, :1, :1].contiguous())
+    with pytest.raises(RuntimeError, match="weight must have 3 values, not 4"):
+        layer(x, w=torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"terms are 0 \(IN\), 1 \(LN\) or 2 \(BN\)"):
+        layer(x, slots=(0, 1, 3))
+    with pytest.raises(RuntimeError, match="does not split into groups of 3"):
+        layer(x, group=3, training=True)
+    with pytest.raises(RuntimeError, match="needs the running buffers"):
+        layer(x, running=(None, None))
     with pytest.raises(RuntimeError, match="x's shape, strides and dtype"):
         torch.ops.snzoo.sn_grad_sums(x.to(memory_format=torch.channels_last), x, torch.zeros(2, 3))
     with pytest.raises(RuntimeError, match="compute dtype"):
@@ -262,25 +272,46 @@ def test_training_passes_do_not_depend_on_the_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(m1 + s1, m2 + s2))
 
 
+# half-precision training against float64 on the same values: the output's rounding, and gradients a few of the
+# dtype's units of the largest gradient (dx sums g * a and two (N, C) terms, each rounded to the dtype once)
+TRAIN_TOL = {torch.float32: (2e-6, 2e-6), torch.bfloat16: (1.6e-2, 4 * 2**-8), torch.float16: (2e-3, 4 * 2**-11)}
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_training_layers_run_on_the_kernel_in_every_dtype_and_layout(dtype, layout, monkeypatch):
-    """A training step of SwitchNorm2d (float32 parameters, as under autocast) calls each kernel pass once: x is
-    read as it is (no upcast copy, no change of layout), and y and dx come back in x's dtype and layout; with the
-    kernel switched off none is called."""
-    calls: list[str] = []
-    for name in ("moments", "apply_affine", "grad_sums", "grad_input"):
-        original = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    layer = randomise(SwitchNorm2d(6), seed=26, buffers=True).train()
-    for enabled in (True, False):
+@pytest.mark.parametrize("ghost", [None, 3])
+def test_a_training_layer_is_one_kernel_call_in_every_dtype_and_layout(dtype, layout, ghost, monkeypatch):
+    """A training step of SwitchNorm2d (float32 parameters, as under autocast) is one call of the whole-layer
+    operator, whose C++ backward comes with it; x is read as it is (no upcast copy, no change of layout), y and dx
+    come back in x's dtype and layout, and y, dx, the parameter gradients and the running buffers equal the float64
+    reference on the same values. With the kernel switched off it is not called."""
+    calls: list[tuple] = []
+    whole_layer = cpu_kernels.switch_norm
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda x, *a: calls.append((x.dtype, x.stride())) or whole_layer(x, *a))
+    base = randomise(SwitchNorm2d(6), seed=26, buffers=True).train()
+    base.ghost_batch_size = ghost
+    x_values = _op_input((6, 6, 5, 7), dtype, 27, layout)
+    g = _op_input((6, 6, 5, 7), dtype, 28, layout)
+    results = {}
+    for run in ("kernel", "pytorch", "float64"):
         calls.clear()
-        x = _op_input((3, 6, 5, 7), dtype, 27, layout).requires_grad_(True)
-        with use_implementation("fused"), cpu_kernels.use_kernel(enabled):
+        layer = copy.deepcopy(base).double() if run == "float64" else copy.deepcopy(base)
+        x = (x_values.double() if run == "float64" else x_values.clone()).requires_grad_(True)
+        impl = "reference" if run == "float64" else "fused"
+        with use_implementation(impl), cpu_kernels.use_kernel(run == "kernel"):
             y = layer(x)
-            y.backward(torch.ones_like(y))
-        assert y.dtype == dtype and y.stride() == x.stride() and x.grad.stride() == x.stride()
-        assert calls == (["moments", "apply_affine", "grad_sums", "grad_input"] if enabled else [])
+            y.backward(g.to(y.dtype))
+        assert calls == ([(dtype, x.stride())] if run == "kernel" else [])
+        if run != "float64":
+            assert y.dtype == dtype and y.stride() == x.stride() and x.grad.stride() == x.stride()
+        results[run] = [y, x.grad, layer.weight.grad, layer.bias.grad, layer.mean_weight.grad, layer.var_weight.grad,
+                        layer.running_mean, layer.running_var]
+    rtol, atol = TRAIN_TOL[dtype]
+    names = ["y", "dx", "dweight", "dbias", "dmean_weight", "dvar_weight", "running_mean", "running_var"]
+    for name, got, want in zip(names, results["kernel"], results["float64"]):
+        scale = float(want.detach().abs().max())
+        err = float((got.detach().double() - want.detach()).abs().max())
+        assert err <= atol * scale + rtol * scale, (name, err, scale)
 
 
 def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel():
@@ -302,8 +333,8 @@ def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel():
 
 def test_use_kernel_switches_the_eval_path_inside_its_block(monkeypatch):
     calls = []
-    kernel = cpu_kernels.switch_norm_eval
-    monkeypatch.setattr(cpu_kernels, "switch_norm_eval", lambda *args: calls.append(1) or kernel(*args))
+    kernel = cpu_kernels.switch_norm
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *args: calls.append(1) or kernel(*args))
     layer = randomise(SwitchNorm2d(4), seed=9, buffers=True).eval()
     x = spread_input((2, 4, 5, 5), torch.float32, seed=10)
     with torch.no_grad():
@@ -385,9 +416,16 @@ def test_the_build_name_follows_the_source(monkeypatch, tmp_path):
     name = cpu_kernels.build_name()
     changed = tmp_path / "switch_norm_cpu.cpp"
     changed.write_bytes(cpu_kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    for header in cpu_kernels.HEADERS:
+        (tmp_path / header).write_bytes(cpu_kernels.SOURCE.with_name(header).read_bytes())
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
     changed_name = cpu_kernels.build_name()
     assert changed_name != name and changed_name.startswith("snzoo_cpu_")
+    header = tmp_path / cpu_kernels.HEADERS[0]
+    header.write_bytes(header.read_bytes() + b"\n// changed\n")
+    header_name = cpu_kernels.build_name()
+    assert header_name not in (name, changed_name)
+    changed_name = header_name
     monkeypatch.setattr(cpu_kernels, "CFLAGS", (*cpu_kernels.CFLAGS, "-DSNZOO_CHANGED"))
     assert cpu_kernels.build_name() not in (name, changed_name)
     assert cpu_kernels.library_path() == cpu_kernels.cache_dir() / cpu_kernels.build_name() / (

@@ -3,7 +3,6 @@ synchronised BN statistics over a process group and the means over ranks of the 
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -11,17 +10,6 @@ from torch import Tensor
 
 
 # --------------------------------------------------------------------------------------- tiny statistics
-def group_size(n: int, ghost_batch_size: Optional[int]) -> int:
-    if ghost_batch_size is None or ghost_batch_size >= n:
-        return n
-    if n % ghost_batch_size:
-        raise ValueError(
-            f"batch of {n} samples does not split into ghost batches of {ghost_batch_size}; "
-            "use a batch size that is a multiple of the ghost batch size (e.g. drop_last=True in the DataLoader)"
-        )
-    return ghost_batch_size
-
-
 def mixed_stats(mean_in: Tensor, var_in: Tensor, pm: Tensor, pv: Tensor, terms, training, k, rm, rv, pg=None):
     """Mixed mean and variance (N, C) from the IN statistics, plus what backward and the running update need.
 
@@ -103,10 +91,3 @@ def all_ranks_mean(local_sums: Tensor, count: int, pg) -> Tensor:
     packed = torch.cat([local_sums.reshape(-1), local_sums.new_full((1,), float(count))])
     dist.all_reduce(packed, group=pg)
     return (packed[:-1] / packed[-1]).reshape(local_sums.shape)
-
-
-def resolve_process_group(process_group: Optional[object]):
-    """The torch.distributed group to synchronise over (True: the default group), or None."""
-    if process_group is None:
-        return None
-    return dist.group.WORLD if process_group is True else process_group

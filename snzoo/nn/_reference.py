@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from snzoo.nn._checks import ghost_group_size, resolve_process_group
+
 TERMS_SN = ("in", "ln", "bn")
 TERMS_SN_NO_BN = ("in", "ln")
 TERMS_SN1D = ("ln", "bn")
@@ -52,15 +54,10 @@ def batch_stats(
     if process_group is not None:
         return _synchronised_batch_stats(mean_in, second_moment_in, process_group)
     n, c = mean_in.shape[0], mean_in.shape[1]
-    if ghost_batch_size is None or ghost_batch_size >= n:
+    if ghost_group_size(n, ghost_batch_size) == n:
         mean_bn = mean_in.mean(0, keepdim=True)
         var_bn = second_moment_in.mean(0, keepdim=True) - mean_bn.pow(2)
         return mean_bn, var_bn, mean_bn, var_bn
-    if n % ghost_batch_size:
-        raise ValueError(
-            f"batch of {n} samples does not split into ghost batches of {ghost_batch_size}; "
-            "use a batch size that is a multiple of the ghost batch size (e.g. drop_last=True in the DataLoader)"
-        )
     groups = n // ghost_batch_size
     mean_g = mean_in.reshape(groups, ghost_batch_size, c, 1).mean(1)
     var_g = second_moment_in.reshape(groups, ghost_batch_size, c, 1).mean(1) - mean_g.pow(2)
@@ -75,7 +72,7 @@ def _synchronised_batch_stats(mean_in: Tensor, second_moment_in: Tensor, process
     n, c = mean_in.shape[0], mean_in.shape[1]
     count = mean_in.new_full((1,), float(n))
     packed = torch.cat([mean_in.sum(0).reshape(c), second_moment_in.sum(0).reshape(c), count])
-    group = dist.group.WORLD if process_group is True else process_group
+    group = resolve_process_group(process_group)
     total = all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     mean_bn = (total[:c] / total[-1]).reshape(1, c, 1)
     var_bn = (total[c : 2 * c] / total[-1]).reshape(1, c, 1) - mean_bn.pow(2)
@@ -177,12 +174,7 @@ def switch_norm_flat(
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     var_ln, mean_ln = torch.var_mean(xf, dim=1, keepdim=True, correction=1 if c > 1 else 0)
     if training:
-        k = n if ghost_batch_size is None or ghost_batch_size >= n else ghost_batch_size
-        if n % k:
-            raise ValueError(
-                f"batch of {n} samples does not split into ghost batches of {k}; "
-                "use a batch size that is a multiple of the ghost batch size"
-            )
+        k = ghost_group_size(n, ghost_batch_size)
         groups = xf.reshape(n // k, k, c)
         var_g, mean_g = torch.var_mean(groups, dim=1, keepdim=True, correction=1 if k > 1 else 0)
         update_running_stats(

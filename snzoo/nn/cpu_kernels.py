@@ -32,6 +32,7 @@ from torch import Tensor
 from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
+HEADERS = ("sn_passes.h",)  # next to SOURCE; part of the build's name
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
@@ -63,7 +64,7 @@ def _cpu_signature() -> str:
 def build_name() -> str:
     """The extension's name: changes with the source, the flags, torch, Python and the CPU."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), *(SOURCE.with_name(h).read_bytes() for h in HEADERS), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  sys.version.encode(), platform.machine().encode(), _cpu_signature().encode()):
         digest.update(part)
     return f"snzoo_cpu_{digest.hexdigest()[:16]}"
@@ -77,16 +78,16 @@ def library_path() -> Path:
 
 def build() -> Path:
     """Build the kernel now, or load it if it is built, and return its library's path (else it is built on the first
-    eval-mode SN forward on the CPU). Raises KernelBuildError, with the reason, when that is not possible."""
+    SN forward on the CPU). Raises KernelBuildError, with the reason, when that is not possible."""
     global _loaded
     if _switched_off():
         raise KernelBuildError("the SN CPU kernel is switched off by SNZOO_CPU_KERNEL=0; unset it to build the kernel")
-    if not SOURCE.is_file():
+    if not SOURCE.is_file() or not all(SOURCE.with_name(h).is_file() for h in HEADERS):
         raise KernelBuildError(f"the SN CPU kernel's source {SOURCE} is missing; reinstall snzoo (pip install "
                                "--force-reinstall snzoo)")
     library = library_path()
     with _lock:
-        if not hasattr(torch.ops.snzoo, "switch_norm_eval"):  # else loaded already, by this or another copy of us
+        if not hasattr(torch.ops.snzoo, "switch_norm"):  # else loaded already, by this or another copy of us
             try:
                 _build_and_load(library)
             except Exception as exc:
@@ -94,8 +95,49 @@ def build() -> Path:
                     f"could not build the SN CPU kernel ({_reason(exc)}); "
                     "install a C++ compiler (Debian: apt-get install g++) and ninja (pip install ninja)"
                 ) from exc
+            _register_fakes()
         _loaded = True
     return library
+
+
+def _register_fakes() -> None:
+    """Shapes, dtypes and layouts of the operators' results without running them: what torch.compile and
+    torch.export trace with (FakeTensor), so that they see one operator per layer and direction."""
+
+    def stats(x):
+        n, c = x.shape[0], x.shape[1]
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        f64 = x.new_empty((n, c), dtype=torch.float64)
+        return f64, torch.empty_like(f64), x.new_empty((n, c), dtype=compute)
+
+    @torch.library.register_fake("snzoo::switch_norm")
+    def _(x, *_args):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("snzoo::switch_norm_forward")
+    def _(x, *_args):
+        return (torch.empty_like(x), *stats(x))
+
+    @torch.library.register_fake("snzoo::switch_norm_backward")
+    def _(grad_y, x, weight, bias, mean_probs, var_probs, *_args):
+        return tuple(torch.empty_like(t) for t in (x, weight, bias, mean_probs, var_probs))
+
+    @torch.library.register_fake("snzoo::sn_moments")
+    def _(x):
+        return stats(x)
+
+    @torch.library.register_fake("snzoo::sn_apply")
+    def _(x, *_args):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("snzoo::sn_grad_sums")
+    def _(g, x, centre):
+        mean, var, _ = stats(x)
+        return mean, var
+
+    @torch.library.register_fake("snzoo::sn_grad_input")
+    def _(g, x, *_args):
+        return torch.empty_like(x)
 
 
 def _switched_off() -> bool:
@@ -206,13 +248,13 @@ def available() -> bool:
 
 
 def active() -> bool:
-    """True when eval-mode SN layers run the kernel now: it is loaded and not switched off by `use_kernel`."""
+    """True when SN layers on the CPU run the kernel now: it is loaded and not switched off by `use_kernel`."""
     return _enabled and available()
 
 
 @contextlib.contextmanager
 def use_kernel(enabled: bool) -> Iterator[None]:
-    """Inside the block, eval-mode SN layers on the CPU run the kernel (True, where it builds) or PyTorch ops
+    """Inside the block, SN layers on the CPU run the kernel (True, where it builds) or PyTorch ops
     (False); the previous choice comes back after it."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
@@ -222,25 +264,23 @@ def use_kernel(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
-def switch_norm_eval(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,
-                     running_mean: Optional[Tensor], running_var: Optional[Tensor], terms: Sequence[str],
-                     eps: float) -> Tensor:
-    """Eval-mode SN of CPU x (N, C, *), contiguous or channels_last, float32 / float64 / bfloat16 / float16, at least
-    2 values per (sample, channel), through the compiled kernel (call `available()` first). Probabilities are
-    ordered as `terms`."""
-    pm, pv = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-    for t, m, v in zip(terms, mean_probs.tolist(), var_probs.tolist()):
-        slot = ("in", "ln", "bn").index(t)
-        pm[slot], pv[slot] = m, v
+_SLOTS = {"in": 0, "ln": 1, "bn": 2}
 
-    def per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.detach().reshape(-1).to(torch.float64).contiguous()
 
-    with_bn = "bn" in terms
-    return torch.ops.snzoo.switch_norm_eval(
-        x, per_channel(weight), per_channel(bias), pm, pv, per_channel(running_mean) if with_bn else None,
-        per_channel(running_var) if with_bn else None, eps,
-    )
+def term_slots(terms: Sequence[str]) -> list[int]:
+    """The kernel's code of each term (0 IN, 1 LN, 2 BN), in the order of the probabilities."""
+    return [_SLOTS[t] for t in terms]
+
+
+def switch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,
+                slots: Sequence[int], group: int, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                training: bool, momentum: float, using_moving_average: bool, eps: float) -> Tensor:
+    """A whole SN layer on CPU x (N, C, *) that `fits`, in one operator call per direction (autograd included):
+    the statistics, the mixing, the output and, in training with a BN term, the running buffers' update (in place).
+    slots: `term_slots(terms)`; group: the samples of one BN statistics group (a ghost batch, else N). In eval a BN
+    term takes the running buffers. Call `available()` first."""
+    return torch.ops.snzoo.switch_norm(x, weight, bias, mean_probs, var_probs, slots, group, running_mean,
+                                       running_var, training, momentum, using_moving_average, eps)
 
 
 def fits(x: Tensor) -> bool:

@@ -54,36 +54,47 @@ grad_bias and grad_weight with mean m and invstd 1; no temporary); x * B + C int
 (1 read, 1 write, BatchNorm's inference kernel); + g * a (2 reads, 1 write): 5 reads + 2 writes and one
 allocation. Elsewhere the product g * (x - m) is formed in the gradient buffer first (3 more passes).
 
-snzoo's compiled CPU kernel (`snzoo.nn.cpu_kernels`), where it is built, takes the full-size passes of both
-directions in CPU eager mode for any input it `fits` (contiguous or channels-innermost, float32 / float64 / bfloat16
-/ float16 read and written as they are, float32 accumulation): the statistics in one read from memory (parts of
-the row centred on their own mean and combined exactly, so no conditioning check and no host sync), the output
-in one more; in the backward S1 and sum_L g * (x - m) in one read of g and x, and dx in one pass. The (N, C)
-algebra is the same as below.
+snzoo's compiled CPU kernel (`snzoo.nn.cpu_kernels`), where it is built, takes whole layers in CPU eager mode for any
+input it `fits` (contiguous or channels-innermost, float32 / float64 / bfloat16 / float16 read and written as they
+are, float32 accumulation): one operator call per layer and direction (`torch.ops.snzoo.switch_norm`, its autograd in
+C++), which does the full-size passes (the statistics in one read from memory, parts of the row centred on their own
+mean and combined exactly, so no conditioning check and no host sync; the output in one more; in the backward S1 and
+sum_L g * (x - m) in one read of g and x, then dx in one pass) and all of the (N, C) algebra above, the running
+update included, in float64. At batch 8 or on 28x28 maps the (N, C) work as torch calls costs more than the data.
+With synchronised statistics the kernel's passes run with the (N, C) algebra here, in Python, because the all_gather
+comes between the statistics and the output.
 
-Without gradients (eval, torch.no_grad / inference_mode, statistics passes) the same forward runs as plain torch
-ops (no autograd.Function). In eval on CPU, contiguous float32 / float64 input takes `_eval_forward_cpu`: snzoo's
-compiled kernel (`snzoo.nn.cpu_kernels`: statistics in one read of each row, the output in a second, one call per
-layer), or where it is not built, the same passes as torch ops with about a third of the small (N, C) operations
-(statistics in the input's dtype, probabilities as Python floats, no per-term stacks), which at batch 8 are a
-visible part of a ResNet-50's time. While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export)
-it runs out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
+Without gradients (torch.no_grad / inference_mode, statistics passes) and elsewhere the same forward runs as plain
+torch ops (no autograd.Function). While tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) it
+runs out of place with addcmul, so the exported graph is the fused formula: per-(n, c) scale and shift, one
 multiply-add.
 """
 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from snzoo.nn import _reference, cpu_kernels
-from snzoo.nn._fused_passes import (
-    HALF, Layout, acc_dtype, affine, centred_grad_sums, instance_moments, moments, stat_dtype, well_conditioned,
-)
-from snzoo.nn._fused_stats import all_ranks_mean, group_size, mixed_stats, pooled, resolve_process_group, stacked
+from snzoo.nn import _reference, _triton_kernels, cpu_kernels
+from snzoo.nn._checks import check_sync_or_ghost, ghost_group_size, resolve_process_group
+from snzoo.nn._fused_passes import HALF, Layout, acc_dtype, affine, centred_grad_sums, instance_moments, stat_dtype
+from snzoo.nn._fused_stats import all_ranks_mean, mixed_stats, stacked
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call normalises: the terms, the mode, the BN groups and where the statistics come from."""
+
+    terms: tuple
+    training: bool
+    eps: float
+    group: int  # samples of one BN statistics group (a ghost batch; N without)
+    pg: object = None  # the process group of synchronised BN statistics, or None
+    allow_fast: bool = False  # CPU eager: host-side checks and BatchNorm's CPU kernels may be used
 
 
 def _fast_allowed(x: Tensor) -> bool:
@@ -93,14 +104,25 @@ def _fast_allowed(x: Tensor) -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, inplace, allow_fast,
-                  pg=None):
+def _pass_kernels(x: Tensor, allow_fast: bool):
+    """The module whose compiled full-size passes take x (`cpu_kernels` or, opted in with SNZOO_TRITON=1, the Triton
+    passes on CUDA), or None for PyTorch ops."""
+    if allow_fast and cpu_kernels.fits(x) and cpu_kernels.active():
+        return cpu_kernels
+    if _triton_kernels.enabled() and _triton_kernels.fits(x) and not (_exporting() or torch.compiler.is_compiling()):
+        return _triton_kernels
+    return None
+
+
+def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, plan: _Plan, *, inplace: bool):
     """The fused forward. Returns y, the per-group BN statistics (or None) and what the backward needs."""
     lay = Layout(x)
     c = lay.c
+    terms, training, eps, k, pg, allow_fast = plan.terms, plan.training, plan.eps, plan.group, plan.pg, plan.allow_fast
     acc, sd = acc_dtype(x.dtype), stat_dtype(x)
-    if allow_fast and cpu_kernels.fits(x) and cpu_kernels.active():
-        return _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, pg, lay)
+    kernels = _pass_kernels(x, allow_fast)
+    if kernels is not None:
+        return _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, plan, lay, kernels)
     v = lay.view3(x)
     if v.dtype != acc:
         v = v.to(acc)
@@ -126,83 +148,40 @@ def _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, trainin
         y = lay.unview3(y3, x)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    saved = (shift, mean_in, mu, r, a, means, variances, False)
+    saved = (shift, mean_in, mu, r, a, means, variances, None)
     return y, group, saved
 
 
-def _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, pg, lay):
-    """`_core_forward` with its full-size passes in snzoo's CPU kernel: statistics in two reads of each row (centred
-    on the rounded mean, so no conditioning check and no host sync), the output in one more; any layout the kernel
-    `fits`, half-precision values read and written as they are."""
+def _kernel_forward(x, weight, bias, mean_probs, var_probs, rm, rv, plan: _Plan, lay, kernels):
+    """`_core_forward` with its full-size passes compiled (`kernels`: the CPU kernel where the (N, C) algebra must
+    stay in Python, i.e. synchronised statistics, whose all_gather comes between the statistics and the output; or
+    the Triton passes): statistics in one read from memory (centred, so no conditioning check and no host sync), the
+    output in one more; any layout the passes `fit`, half-precision values read and written as they are."""
     c = lay.c
-    mean_in, var_in, centre = cpu_kernels.moments(x)
+    mean_in, var_in, centre = kernels.moments(x)
     pm, pv = mean_probs.to(torch.float64), var_probs.to(torch.float64)
-    mu, sigma2, means, variances, group = mixed_stats(mean_in, var_in, pm, pv, terms, training, k, rm, rv, pg)
-    r = torch.rsqrt(sigma2 + eps)
+    mu, sigma2, means, variances, group = mixed_stats(
+        mean_in, var_in, pm, pv, plan.terms, plan.training, plan.group, rm, rv, plan.pg
+    )
+    r = torch.rsqrt(sigma2 + plan.eps)
     a = weight.reshape(1, c).to(torch.float64) * r
     offset = mu - centre.to(torch.float64)
     shift = torch.addcmul(bias.reshape(1, c).to(torch.float64), offset, a, value=-1)
-    y = cpu_kernels.apply_affine(x, centre, a.to(centre.dtype), shift.to(centre.dtype))
-    return y, group, (lay.stat(centre), mean_in, mu, r, a, means, variances, True)
-
-
-def _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps) -> Optional[Tensor]:
-    """Eval forward without gradients for contiguous float32 / float64 CPU input: the compiled kernel when it is
-    built, else torch ops with as few operations on the (N, C) statistics as possible (at batch 8 a torch call on
-    such small tensors costs more than its arithmetic, and a ResNet-50 layer spends about as long on them as on its
-    data).
-
-    On torch ops the statistics stay in x's dtype: their inputs, the sums, carry that precision already, and the
-    conditioning check bounds what the subtraction loses. Returns None when the check fails (the caller then takes
-    the shifted path of `_core_forward`) or when x does not fit this path.
-    """
-    if cpu_kernels.fits(x) and cpu_kernels.active():
-        return cpu_kernels.switch_norm_eval(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
-    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 3:
-        return None
-    n, c = x.shape[0], x.shape[1]
-    length = x.numel() // (n * c)
-    if length < 2:
-        return None
-    lay = Layout(x)
-    v = lay.view3(x)
-    mean, css = moments(v, lay, x.dtype, True)
-    var_in = css.mul_(1.0 / (length - 1))
-    if not well_conditioned(mean, var_in, eps, x.dtype):
-        return None
-    mu = sigma2 = None
-    for t, pm, pv in zip(terms, mean_probs.tolist(), var_probs.tolist()):
-        if t == "in":
-            mean_t, var_t = mean, var_in
-        elif t == "ln":
-            mean_t, var_t = pooled(mean, var_in, 1)
-        else:  # "bn" in eval: the running buffers
-            mean_t, var_t = rm.reshape(1, c), rv.reshape(1, c)
-        if mu is None:
-            mu, sigma2 = torch.mul(mean_t, pm).expand(n, c).clone(), torch.mul(var_t, pv).expand(n, c).clone()
-        else:
-            mu.add_(mean_t, alpha=pm)
-            sigma2.add_(var_t, alpha=pv)
-    scale = sigma2.add_(eps).rsqrt_().mul_(weight.reshape(1, c))
-    shift = torch.addcmul(bias.reshape(1, c), mu, scale, value=-1)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    affine(v, scale.to(x.dtype).reshape(n, c, 1), shift.to(x.dtype).reshape(n, c, 1), y.view(n, c, length), True)
-    return y
+    y = kernels.apply_affine(x, centre, a.to(centre.dtype), shift.to(centre.dtype))
+    return y, group, (lay.stat(centre), mean_in, mu, r, a, means, variances, kernels)
 
 
 class _SwitchNormFunction(torch.autograd.Function):
     """Fused SN with an analytic backward; saves x, the per-(n, c) shift and (N, C) statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast, pg):
-        y, group, saved = _core_forward(
-            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, True, allow_fast, pg
-        )
+    def forward(ctx, x, weight, bias, mean_probs, var_probs, rm, rv, plan: _Plan):
+        y, group, saved = _core_forward(x, weight, bias, mean_probs, var_probs, rm, rv, plan, inplace=True)
         shift, mean_in, mu, r, a, means, variances, kernel = saved
         n, c = mean_in.shape
         means, variances = stacked(means, n, c), stacked(variances, n, c)
-        ctx.terms, ctx.training, ctx.k, ctx.pg = terms, training, k, pg
-        ctx.shifted, ctx.fast_kernels, ctx.kernel = shift is not None, allow_fast, kernel
+        ctx.terms, ctx.training, ctx.k, ctx.pg = plan.terms, plan.training, plan.group, plan.pg
+        ctx.shifted, ctx.fast_kernels, ctx.kernels = shift is not None, plan.allow_fast, kernel
         if shift is None:
             shift = mean_in.new_zeros(())
         ctx.save_for_backward(x, weight, bias, mean_probs, var_probs, shift, mean_in, mu, r, a, means, variances)
@@ -224,11 +203,11 @@ class _SwitchNormFunction(torch.autograd.Function):
         # Full-size reductions S1 = sum_L g and sum_L g * (x - centre), centre = the rounded IN mean (the
         # shift, when the forward used one): centred, so nothing cancels.
         centre = shift if ctx.shifted else lay.stat(mean_in.to(acc))
-        if ctx.kernel:
+        if ctx.kernels:
             if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype:
                 grad_y = torch.empty_like(x).copy_(grad_y)  # the kernel reads g in x's layout
             centre_k = lay.unstat(centre)
-            s1g, sgc = cpu_kernels.grad_sums(grad_y, x, centre_k)
+            s1g, sgc = ctx.kernels.grad_sums(grad_y, x, centre_k)
         else:
             v = lay.view3(x)
             g = lay.view3(grad_y)
@@ -280,9 +259,9 @@ class _SwitchNormFunction(torch.autograd.Function):
                 coef_b = (2 / (length - 1)) * d_var_in + torch.zeros_like(mean_in)
             else:
                 coef_b = torch.zeros_like(mean_in)
-            if ctx.kernel:  # g * a + (x - centre) * B + dmean_in / L - B * (mean_in - centre)
+            if ctx.kernels:  # g * a + (x - centre) * B + dmean_in / L - B * (mean_in - centre)
                 coef_c = d_mean_in / length - coef_b * (mean_in - centre_nc)
-                grad_x = cpu_kernels.grad_input(grad_y, x, centre_k, a.to(acc), coef_b.to(acc), coef_c.to(acc))
+                grad_x = ctx.kernels.grad_input(grad_y, x, centre_k, a.to(acc), coef_b.to(acc), coef_c.to(acc))
                 return _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_probs, var_probs)
             b3, a3 = lay.stat(coef_b.to(acc)), lay.stat(a.to(acc))
             if ctx.shifted:  # (x - shift) * B + dmean_in / L - B * (mean_in - shift)
@@ -310,7 +289,7 @@ def _grads(grad_x, grad_weight, grad_bias, grad_pm, grad_pv, weight, bias, mean_
         _as(grad_bias, bias),
         _as(grad_pm, mean_probs),
         _as(grad_pv, var_probs),
-        None, None, None, None, None, None, None, None,
+        None, None, None,
     )
 
 
@@ -356,31 +335,31 @@ def switch_norm_fused(
     terms = tuple(terms)
     use_bn = "bn" in terms
     pg = resolve_process_group(process_group) if (training and use_bn) else None
-    if pg is not None and ghost_batch_size is not None:
-        raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
-    k = group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
+    check_sync_or_ghost(pg, ghost_batch_size)
+    k = ghost_group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
+    allow_fast = _fast_allowed(x)
+    if allow_fast and pg is None and cpu_kernels.fits(x) and cpu_kernels.active():
+        # one operator per layer and direction: statistics, mixing, output and the running update
+        return cpu_kernels.switch_norm(
+            x, weight, bias, mean_probs, var_probs, cpu_kernels.term_slots(terms), k,
+            running_mean if use_bn else None, running_var if use_bn else None, training, momentum,
+            using_moving_average, eps,
+        )
     rm = None if training or not use_bn else running_mean
     rv = None if training or not use_bn else running_var
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or bias.requires_grad or mean_probs.requires_grad
         or var_probs.requires_grad
     )
-    allow_fast = _fast_allowed(x)
     exporting = _exporting()
+    plan = _Plan(terms, training, eps, k, pg, allow_fast)
     if needs_grad and not exporting:
-        y, mean_g, var_g = _SwitchNormFunction.apply(
-            x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k, allow_fast, pg
-        )
+        y, mean_g, var_g = _SwitchNormFunction.apply(x, weight, bias, mean_probs, var_probs, rm, rv, plan)
         group = None if mean_g is None else (mean_g, var_g)
     else:
-        y = group = None
-        if allow_fast and not training and not needs_grad:
-            y = _eval_forward_cpu(x, weight, bias, mean_probs, var_probs, rm, rv, terms, eps)
-        if y is None:
-            y, group, _ = _core_forward(
-                x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, eps, k,
-                not (needs_grad or exporting), allow_fast, pg,
-            )
+        y, group, _ = _core_forward(
+            x, weight, bias, mean_probs, var_probs, rm, rv, plan, inplace=not (needs_grad or exporting)
+        )
     if training and use_bn:
         mean_g, var_g = group
         _reference.update_running_stats(

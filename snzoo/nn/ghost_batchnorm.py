@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snzoo.nn._checks import ghost_group_size
+
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """torch BatchNorm2d whose training statistics can be taken over groups of `ghost_batch_size` samples.
@@ -24,9 +26,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if not self.training or k is None or k >= x.shape[0]:
             return super().forward(x)
         n, c = x.shape[0], x.shape[1]
-        if n % k:
-            raise ValueError(f"batch of {n} samples does not split into ghost batches of {k}; "
-                             "use a batch size that is a multiple of the ghost batch size")
+        ghost_group_size(n, k)
         groups = n // k
         spatial = x.shape[2:]
         # Each group's channels become channels of their own, so one batch_norm call normalises every group.

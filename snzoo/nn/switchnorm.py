@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from snzoo.nn import functional as F_sn
+from snzoo.nn._checks import check_sync_or_ghost, resolve_process_group
 
 
 class _SwitchNorm(nn.Module):
@@ -79,11 +80,10 @@ class _SwitchNorm(nn.Module):
     def _sync_group(self) -> Optional[object]:
         if self.process_group is None or not self.training:
             return None
-        if self.ghost_batch_size is not None:
-            raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
+        check_sync_or_ghost(self.process_group, self.ghost_batch_size)
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        group = dist.group.WORLD if self.process_group is True else self.process_group
+        group = resolve_process_group(self.process_group)
         return group if dist.get_world_size(group) > 1 else None
 
     def _check_input(self, x: Tensor) -> None:

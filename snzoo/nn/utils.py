@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from snzoo.nn._checks import check_sync_or_ghost
 from snzoo.nn.ghost_batchnorm import GhostBatchNorm2d
 from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
 from snzoo.nn.switchnorm import _SwitchNorm
@@ -25,8 +26,8 @@ def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> i
     if ghost_batch_size is not None and ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive integer or None, got {ghost_batch_size}")
     layers = switchnorm_layers(model)
-    if ghost_batch_size is not None and any(layer.process_group is not None for layer in layers):
-        raise ValueError("synchronised statistics and ghost batches exclude each other; the model's SN layers are synchronised")
+    for layer in layers:
+        check_sync_or_ghost(layer.process_group, ghost_batch_size)
     layers += [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]  # the BN baseline emulates devices too
     for layer in layers:
         layer.ghost_batch_size = ghost_batch_size
@@ -36,8 +37,7 @@ def set_ghost_batch_size(model: nn.Module, ghost_batch_size: Optional[int]) -> i
 def convert_sync_switchnorm(model: nn.Module, process_group: Optional[object] = None) -> nn.Module:
     """Synchronise the BN statistics of every SN layer over `process_group` (None: the default group)."""
     for layer in switchnorm_layers(model):
-        if layer.ghost_batch_size is not None:
-            raise ValueError("synchronised statistics and ghost batches exclude each other; set ghost_batch_size=None")
+        check_sync_or_ghost(True if process_group is None else process_group, layer.ghost_batch_size)
         layer.process_group = True if process_group is None else process_group
     return model
 

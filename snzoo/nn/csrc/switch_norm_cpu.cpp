@@ -1,288 +1,39 @@
-// Switchable normalisation on the CPU: the full-size passes of the forward and the backward, for training and
-// eval. Registered as torch.ops.snzoo.*; built on first use by snzoo/nn/cpu_kernels.py with the machine's compiler.
+// Switchable normalisation on the CPU, registered as torch.ops.snzoo.*; built on first use by
+// snzoo/nn/cpu_kernels.py with the machine's compiler. The full-size passes are in sn_passes.h.
 //
-// x is viewed without a copy as (N, C, L) rows (contiguous input) or as (N, L, C) (channels innermost: channels_last
-// and channels_last_3d), L >= 2, in float32, float64, bfloat16 or float16. Half-precision values are read and written
-// in their own dtype and computed in float32; nothing full-size is copied.
+// One operator per layer and direction, with autograd:
+// - switch_norm(x, weight, bias, mean_probs, var_probs, terms, group, running_mean?, running_var?, training,
+//   momentum, moving_average, eps) -> y: a whole SN layer. terms gives the statistic of each probability (0 IN,
+//   1 LN, 2 BN); group is the number of samples of a BN statistics group (a ghost batch; N without). In training
+//   with a BN term the running buffers are updated here; in eval the BN term is the running buffers. Its backward
+//   is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule, the running
+//   update) here in float64, so that a layer costs one call each way whatever its batch and map size.
+// - switch_norm_forward(...) -> (y, mean_in, var_in, centre) and switch_norm_backward(grad_y, x, ..., mean_in,
+//   var_in, centre, output_mask) -> (dx, dweight, dbias, dmean_probs, dvar_probs): the two directions.
 //
-// - sn_moments(x) -> (mean, var, centre): per-(n, c) IN mean and unbiased variance (float64) in one read from
-//   memory: x goes in parts of about kChunk values, each read twice while it is in the core's cache (its mean m,
-//   then d = x - m, whose sums correct m and give the squared deviations without cancellation, so that a large
-//   mean costs no precision), and the parts combine exactly in float64. centre = the mean rounded to the compute
-//   dtype: the forward's output and the backward are taken relative to it.
+// The full-size passes alone, for callers that do the (N, C) algebra themselves (synchronised statistics):
+// - sn_moments(x) -> (mean, var, centre): per-(n, c) IN mean and unbiased variance (float64); centre = the mean
+//   rounded to the compute dtype, which the other passes take values relative to.
 // - sn_apply(x, centre, scale, shift) -> y = (x - centre) * scale + shift, per (n, c), in x's dtype and layout.
 // - sn_grad_sums(g, x, centre) -> (sum_L g, sum_L g * (x - centre)) per (n, c), float64, one read of g and x.
 // - sn_grad_input(g, x, centre, a, b, c) -> dx = g * a + (x - centre) * b + c per (n, c), in x's dtype and layout.
-// - switch_norm_eval(x, weight, bias, mean_probs, var_probs, running_mean?, running_var?, eps) -> y: eval-mode SN in
-//   one call (the mixing of the IN, LN and running BN statistics done here, in float64). When one sample exceeds the
-//   per-core caches, the samples go one at a time (statistics, then output), so that the second read of a sample
-//   finds it in the shared cache.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "sn_passes.h"
+
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include <array>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kChunk = 2048;           // values summed in the compute dtype before a float64 accumulation
-constexpr int64_t kTaskValues = 1 << 15;   // values a parallel task handles, at least
-constexpr int64_t kSampleAtOnceBytes = int64_t(1) << 20;
+using namespace snzoo_cpu;
+using at::Tensor;
+using c10::optional;
 
-// ------------------------------------------------------------------------------------------------ dtypes
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-inline float load(float v) { return v; }
-inline double load(double v) { return v; }
-inline float load(c10::Half v) { return float(v); }
-// bfloat16 is the top half of a float32: a shift, which vectorises (c10's conversion goes through a union).
-inline float load(c10::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-template <typename T>
-inline T store(typename Compute<T>::type v) {
-  return T(v);
-}
-// Round to nearest even, NaN kept a (quiet) NaN: c10's rounding, written without a branch so that it vectorises.
-template <>
-inline c10::BFloat16 store<c10::BFloat16>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  c10::BFloat16 out;
-  out.x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-  return out;
-}
-
-// ------------------------------------------------------------------------------------------------ layout
-struct View {
-  int64_t n, c, l;
-  bool nlc;  // channels innermost: element (n, c, l) at (n * L + l) * C + c; else at (n * C + c) * L + l
-};
-
-View view_of(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() >= 3, op, ": x must have at least 3 dimensions (N, C, *)");
-  const int64_t n = x.size(0), c = x.size(1);
-  TORCH_CHECK(n > 0 && c > 0, op, ": x must not be empty");
-  const int64_t l = x.numel() / (n * c);
-  TORCH_CHECK(l >= 2, op, ": needs at least 2 values per (sample, channel)");
-  if (x.is_contiguous()) return {n, c, l, false};
-  TORCH_CHECK(x.movedim(1, -1).is_contiguous(), op, ": x must be contiguous or channels_last");
-  return {n, c, l, true};
-}
-
-void same_layout(const at::Tensor& t, const at::Tensor& x, const char* op, const char* what) {
-  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type(), op, ": ",
-              what, " must have x's shape, strides and dtype");
-}
-
-template <typename A>
-const A* per_row(const at::Tensor& t, const View& v, const char* op, const char* what) {
-  TORCH_CHECK(t.numel() == v.n * v.c && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<A>::value,
-              op, ": ", what, " must be contiguous (N, C) in the compute dtype");
-  return t.data_ptr<A>();
-}
-
-// (N, L, C) work in tasks of (sample, block of up to kChannelBlock channels, segment of rows), about kTaskValues
-// values each, so that there are tasks for every thread at batch 1 too; inside a task, rows go in groups of about kChunk values, summed in the
-// compute dtype (vectorised over the channels) and then accumulated in float64.
-constexpr int64_t kChannelBlock = 64;
-constexpr int64_t kGroupRows = 256;
-
-struct NlcTasks {
-  int64_t block, blocks, segments, segment_rows, group_rows;
-  explicit NlcTasks(const View& v) {
-    block = std::min(v.c, kChannelBlock);
-    blocks = (v.c + block - 1) / block;
-    group_rows = std::clamp<int64_t>(kChunk / block, 1, kGroupRows);
-    // from the sizes alone, not the thread count: results must not depend on how many threads run
-    segments = std::clamp<int64_t>(v.l * block / kTaskValues, 1, std::max<int64_t>(1, v.l / (4 * group_rows)));
-    segment_rows = (v.l + segments - 1) / segments;
-  }
-  int64_t count(const View& v) const { return v.n * blocks * segments; }
-  // task -> sample, first channel, channel count, segment, first row, end row
-  void unpack(const View& v, int64_t task, int64_t& n, int64_t& c0, int64_t& width, int64_t& segment, int64_t& l0,
-              int64_t& l1) const {
-    segment = task % segments;
-    const int64_t rest = task / segments;
-    c0 = (rest % blocks) * block;
-    n = rest / blocks;
-    width = std::min(block, v.c - c0);
-    l0 = segment * segment_rows;
-    l1 = std::min(v.l, l0 + segment_rows);
-  }
-};
-
-// out = (x - m) * b + c, plus g * a when kWithGrad, with per-(n, c) coefficients, in x's layout. The coefficients of
-// a row are hoisted into registers (NCL) and every pointer is restrict, so that the inner loops vectorise.
-template <typename T, bool kWithGrad>
-void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out, const View& v,
-                 const typename Compute<T>::type* __restrict m, const typename Compute<T>::type* __restrict a,
-                 const typename Compute<T>::type* __restrict b, const typename Compute<T>::type* __restrict c) {
-  using A = typename Compute<T>::type;
-  if (!v.nlc) {
-    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A mr = m[r], ar = kWithGrad ? a[r] : A(0), br = b[r], cr = c[r];
-        const T* __restrict xr = x + r * v.l;
-        const T* __restrict gr = kWithGrad ? g + r * v.l : nullptr;
-        T* __restrict yr = out + r * v.l;
-#pragma omp simd
-        for (int64_t l = 0; l < v.l; ++l) {
-          A value = (load(xr[l]) - mr) * br + cr;
-          if (kWithGrad) value += load(gr[l]) * ar;
-          yr[l] = store<T>(value);
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, v.n * v.l, std::max<int64_t>(1, kTaskValues / v.c), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t first = (row / v.l) * v.c;
-      const A* __restrict mn = m + first;
-      const A* __restrict an = kWithGrad ? a + first : nullptr;
-      const A* __restrict bn = b + first;
-      const A* __restrict cn = c + first;
-      const T* __restrict xr = x + row * v.c;
-      const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
-      T* __restrict yr = out + row * v.c;
-#pragma omp simd
-      for (int64_t ch = 0; ch < v.c; ++ch) {
-        A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
-        if (kWithGrad) value += load(gr[ch]) * an[ch];
-        yr[ch] = store<T>(value);
-      }
-    }
-  });
-}
-
-// ------------------------------------------------------------------------------------------------ moments
-// Count, mean and sum of squared deviations of a part of a row; parts combine exactly (Chan et al.), so each part
-// is read from memory once: its two passes (mean, then centred squares) run while it is in the core's cache.
-struct Moments {
-  double count = 0, mean = 0, m2 = 0;
-  void add(double count_b, double mean_b, double m2_b) {
-    const double total = count + count_b, delta = mean_b - mean;
-    mean += delta * (count_b / total);
-    m2 += m2_b + delta * delta * (count * count_b / total);
-    count = total;
-  }
-};
-
-// The part's first pass gives its rounded mean m; the second sums d = x - m and d^2, which corrects m and gives the
-// squared deviations without cancellation: mean = m + sum d / k, m2 = sum d^2 - (sum d)^2 / k.
-template <typename T>
-Moments chunk_moments(const T* x, int64_t count) {
-  using A = typename Compute<T>::type;
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < count; ++i) sum += load(x[i]);
-  const A m = sum / A(count);
-  A squares = 0, residue = 0;
-#pragma omp simd reduction(+ : squares, residue)
-  for (int64_t i = 0; i < count; ++i) {
-    const A d = load(x[i]) - m;
-    squares += d * d;
-    residue += d;
-  }
-  const double k = double(count), res = residue;
-  return {k, double(m) + res / k, double(squares) - res * res / k};
-}
-
-template <typename T>
-void moments(const T* x, const View& v, typename Compute<T>::type* centre, double* mean, double* var) {
-  using A = typename Compute<T>::type;
-  auto finish = [&](int64_t r, const Moments& mo) {
-    mean[r] = mo.mean;
-    var[r] = mo.m2 / double(v.l - 1);
-    centre[r] = A(mo.mean);
-  };
-  if (!v.nlc) {
-    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        Moments mo;
-        for (int64_t start = 0; start < v.l; start += kChunk) {
-          const int64_t count = std::min(kChunk, v.l - start);
-          const Moments part = chunk_moments(x + r * v.l + start, count);
-          mo.add(part.count, part.mean, part.m2);
-        }
-        finish(r, mo);
-      }
-    });
-    return;
-  }
-  // (N, L, C): each task combines the moments of its groups of rows per channel, then the segments of each sample
-  // are combined.
-  const NlcTasks tasks(v);
-  std::vector<Moments> partial(v.n * tasks.segments * v.c);
-  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
-    Moments acc[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t n, c0, width, segment, l0, l1;
-      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-      for (int64_t c = 0; c < width; ++c) acc[c] = Moments();
-      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        const A count = A(g1 - g0);
-        for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = A(0);
-        for (int64_t l = g0; l < g1; ++l) {
-          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) sum[c] += load(row[c]);
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) sum[c] /= count;
-        for (int64_t l = g0; l < g1; ++l) {
-          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            const A d = load(row[c]) - sum[c];
-            squares[c] += d * d;
-            residue[c] += d;
-          }
-        }
-        const double k = double(count);
-        for (int64_t c = 0; c < width; ++c) {
-          const double res = residue[c];
-          acc[c].add(k, double(sum[c]) + res / k, double(squares[c]) - res * res / k);
-        }
-      }
-      for (int64_t c = 0; c < width; ++c) partial[(n * tasks.segments + segment) * v.c + c0 + c] = acc[c];
-    }
-  });
-  for (int64_t n = 0; n < v.n; ++n) {
-    for (int64_t c = 0; c < v.c; ++c) {
-      Moments mo;
-      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
-        const Moments& part = partial[(n * tasks.segments + segment) * v.c + c];
-        mo.add(part.count, part.mean, part.m2);
-      }
-      finish(n * v.c + c, mo);
-    }
-  }
-}
-
+// ------------------------------------------------------------------------------------------------ passes
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_moments(const at::Tensor& x) {
   const View v = view_of(x, "sn_moments");
   const auto f64 = x.options().dtype(at::kDouble);
@@ -296,12 +47,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_moments(const at::Tensor& x) {
   return {mean, var, centre};
 }
 
-// ------------------------------------------------------------------------------------------------ apply
-template <typename T>
-void apply(const T* x, T* y, const View& v, const typename Compute<T>::type* centre,
-           const typename Compute<T>::type* scale, const typename Compute<T>::type* shift) {
-  affine_pass<T, false>(x, nullptr, y, v, centre, nullptr, scale, shift);
-}
 
 at::Tensor sn_apply(const at::Tensor& x, const at::Tensor& centre, const at::Tensor& scale, const at::Tensor& shift) {
   const View v = view_of(x, "sn_apply");
@@ -314,83 +59,6 @@ at::Tensor sn_apply(const at::Tensor& x, const at::Tensor& centre, const at::Ten
   return y;
 }
 
-// ------------------------------------------------------------------------------------------------ backward
-// Per (n, c): sum g and sum g * (x - m), in float64 out of compute-dtype partial sums of about kChunk values.
-template <typename T>
-void grad_sums(const T* __restrict g, const T* __restrict x, const View& v, const typename Compute<T>::type* m,
-               double* sum_g, double* sum_gd) {
-  using A = typename Compute<T>::type;
-  if (!v.nlc) {
-    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A mr = m[r];
-        double total_g = 0, total_gd = 0;
-        for (int64_t start = 0; start < v.l; start += kChunk) {
-          const T* __restrict gr = g + r * v.l + start;
-          const T* __restrict xr = x + r * v.l + start;
-          const int64_t count = std::min(kChunk, v.l - start);
-          A part_g = 0, part_gd = 0;
-#pragma omp simd reduction(+ : part_g, part_gd)
-          for (int64_t l = 0; l < count; ++l) {
-            const A gl = load(gr[l]);
-            part_g += gl;
-            part_gd += gl * (load(xr[l]) - mr);
-          }
-          total_g += part_g;
-          total_gd += part_gd;
-        }
-        sum_g[r] = total_g;
-        sum_gd[r] = total_gd;
-      }
-    });
-    return;
-  }
-  const NlcTasks tasks(v);
-  std::vector<double> partial_g(v.n * tasks.segments * v.c), partial_gd(v.n * tasks.segments * v.c);
-  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    A part_g[kChannelBlock], part_gd[kChannelBlock];
-    double total_g[kChannelBlock], total_gd[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t n, c0, width, segment, l0, l1;
-      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-      const A* __restrict mn = m + n * v.c + c0;
-      for (int64_t c = 0; c < width; ++c) total_g[c] = total_gd[c] = 0;
-      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        for (int64_t c = 0; c < width; ++c) part_g[c] = part_gd[c] = A(0);
-        for (int64_t l = g0; l < g1; ++l) {
-          const T* __restrict gr = g + (n * v.l + l) * v.c + c0;
-          const T* __restrict xr = x + (n * v.l + l) * v.c + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            const A gl = load(gr[c]);
-            part_g[c] += gl;
-            part_gd[c] += gl * (load(xr[c]) - mn[c]);
-          }
-        }
-        for (int64_t c = 0; c < width; ++c) {
-          total_g[c] += part_g[c];
-          total_gd[c] += part_gd[c];
-        }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        partial_g[(n * tasks.segments + segment) * v.c + c0 + c] = total_g[c];
-        partial_gd[(n * tasks.segments + segment) * v.c + c0 + c] = total_gd[c];
-      }
-    }
-  });
-  for (int64_t n = 0; n < v.n; ++n) {
-    for (int64_t c = 0; c < v.c; ++c) {
-      double total1 = 0, total2 = 0;
-      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
-        total1 += partial_g[(n * tasks.segments + segment) * v.c + c];
-        total2 += partial_gd[(n * tasks.segments + segment) * v.c + c];
-      }
-      sum_g[n * v.c + c] = total1;
-      sum_gd[n * v.c + c] = total2;
-    }
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> sn_grad_sums(const at::Tensor& g, const at::Tensor& x, const at::Tensor& centre) {
   const View v = view_of(x, "sn_grad_sums");
@@ -424,110 +92,413 @@ at::Tensor sn_grad_input(const at::Tensor& g, const at::Tensor& x, const at::Ten
   return dx;
 }
 
-// ------------------------------------------------------------------------------------------------ eval
-struct Mixing {
-  double pm[3];  // IN, LN, BN
-  double pv[3];
-  const double* running_mean;  // (C) or nullptr when there is no BN term
-  const double* running_var;
-  const double* weight;  // (C)
-  const double* bias;
-  double eps;
-};
 
-// Per-(n, c) scale and shift of rows [row_begin, row_end) (whole samples) from their IN statistics.
-template <typename A>
-void eval_scale_shift(const Mixing& mix, int64_t channels, int64_t row_begin, int64_t row_end, const A* centre,
-                      const double* mean, const double* var, A* scale, A* shift) {
-  for (int64_t n0 = row_begin; n0 < row_end; n0 += channels) {
-    const double* m = mean + n0;
-    const double* s = var + n0;
-    double sum = 0, spread = 0;
-    for (int64_t c = 0; c < channels; ++c) sum += m[c];
-    const double mean_ln = sum / double(channels);
-    for (int64_t c = 0; c < channels; ++c) spread += s[c] + (m[c] - mean_ln) * (m[c] - mean_ln);
-    const double var_ln = spread / double(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      double mu = mix.pm[0] * m[c] + mix.pm[1] * mean_ln;
-      double sigma2 = mix.pv[0] * s[c] + mix.pv[1] * var_ln;
-      if (mix.running_mean != nullptr) {
-        mu += mix.pm[2] * mix.running_mean[c];
-        sigma2 += mix.pv[2] * mix.running_var[c];
-      }
-      const double a = mix.weight[c] / std::sqrt(sigma2 + mix.eps);
-      scale[n0 + c] = A(a);
-      shift[n0 + c] = A(mix.bias[c] - (mu - double(centre[n0 + c])) * a);
+// ------------------------------------------------------------------------------------------------ (N, C) algebra
+enum Slot : int64_t { kIn = 0, kLn = 1, kBn = 2 };
+
+// Small per-channel or per-term tensors (any floating dtype, any shape) as float64 values.
+std::vector<double> doubles(const Tensor& t, int64_t count, const char* what) {
+  TORCH_CHECK(t.numel() == count, "switch_norm: ", what, " must have ", count, " values, not ", t.numel());
+  const Tensor dense = t.contiguous();
+  std::vector<double> out(count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dense.scalar_type(), "doubles", [&] {
+    const scalar_t* p = dense.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) out[i] = double(load(p[i]));
+  });
+  return out;
+}
+
+// One layer's mixing: which terms, their probabilities, the BN groups or running buffers, the affine weight.
+struct Mixing {
+  int64_t n, c, group;
+  bool training;
+  std::vector<int64_t> slots;  // the statistic of probability k
+  std::vector<double> pm, pv;
+  bool has_ln = false, has_bn = false;
+  std::vector<double> weight;
+  std::vector<double> running_mean, running_var;  // eval with a BN term: the BN statistics
+
+  Mixing(const View& v, const Tensor& w, const Tensor& mean_probs, const Tensor& var_probs, at::IntArrayRef terms,
+         int64_t group_size, const optional<Tensor>& rm, const optional<Tensor>& rv, bool train)
+      : n(v.n), c(v.c), group(group_size), training(train), slots(terms.begin(), terms.end()) {
+    const int64_t k = int64_t(slots.size());
+    TORCH_CHECK(k >= 1 && k <= 3, "switch_norm: between 1 and 3 terms");
+    pm = doubles(mean_probs, k, "mean_probs");
+    pv = doubles(var_probs, k, "var_probs");
+    for (int64_t s : slots) {
+      TORCH_CHECK(s >= kIn && s <= kBn, "switch_norm: terms are 0 (IN), 1 (LN) or 2 (BN)");
+      has_ln |= s == kLn;
+      has_bn |= s == kBn;
+    }
+    weight = doubles(w, c, "weight");
+    if (has_bn && training) {
+      TORCH_CHECK(group >= 1 && n % group == 0, "switch_norm: the batch of ", n, " does not split into groups of ",
+                  group);
+    } else if (has_bn) {
+      TORCH_CHECK(rm.has_value() && rv.has_value(), "switch_norm: eval with a BN term needs the running buffers");
+      running_mean = doubles(*rm, c, "running_mean");
+      running_var = doubles(*rv, c, "running_var");
     }
   }
+  int64_t groups() const { return training ? n / group : 1; }
+};
+
+// The statistics every term derives from the IN statistics, (N, C) mixtures included.
+struct Statistics {
+  std::vector<double> mean_ln, var_ln;  // (N)
+  std::vector<double> mean_bn, var_bn;  // (G, C): each group's in training, the running buffers in eval
+  std::vector<double> mu, sigma2;       // (N, C)
+
+  double mean_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* mean_in) const {
+    if (slot == kIn) return mean_in[n * m.c + c];
+    if (slot == kLn) return mean_ln[n];
+    return mean_bn[bn_row(m, n) * m.c + c];
+  }
+  double var_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* var_in) const {
+    if (slot == kIn) return var_in[n * m.c + c];
+    if (slot == kLn) return var_ln[n];
+    return var_bn[bn_row(m, n) * m.c + c];
+  }
+  static int64_t bn_row(const Mixing& m, int64_t n) { return m.training ? n / m.group : 0; }
+};
+
+// Pooled statistics in the cancellation-free form mean(var) + mean((mean - pooled mean)^2).
+Statistics statistics(const Mixing& m, const double* mean_in, const double* var_in) {
+  const int64_t n = m.n, c = m.c;
+  Statistics s;
+  if (m.has_ln) {
+    s.mean_ln.assign(n, 0);
+    s.var_ln.assign(n, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const double* mi = mean_in + i * c;
+      const double* vi = var_in + i * c;
+      double sum = 0, spread = 0;
+      for (int64_t j = 0; j < c; ++j) sum += mi[j];
+      const double mean = sum / double(c);
+      for (int64_t j = 0; j < c; ++j) spread += vi[j] + (mi[j] - mean) * (mi[j] - mean);
+      s.mean_ln[i] = mean;
+      s.var_ln[i] = spread / double(c);
+    }
+  }
+  if (m.has_bn && m.training) {
+    const int64_t groups = m.groups(), k = m.group;
+    s.mean_bn.assign(groups * c, 0);
+    s.var_bn.assign(groups * c, 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      double* mb = s.mean_bn.data() + g * c;
+      double* vb = s.var_bn.data() + g * c;
+      for (int64_t i = g * k; i < (g + 1) * k; ++i)
+        for (int64_t j = 0; j < c; ++j) mb[j] += mean_in[i * c + j];
+      for (int64_t j = 0; j < c; ++j) mb[j] /= double(k);
+      for (int64_t i = g * k; i < (g + 1) * k; ++i)
+        for (int64_t j = 0; j < c; ++j) {
+          const double d = mean_in[i * c + j] - mb[j];
+          vb[j] += var_in[i * c + j] + d * d;
+        }
+      for (int64_t j = 0; j < c; ++j) vb[j] /= double(k);
+    }
+  } else if (m.has_bn) {
+    s.mean_bn = m.running_mean;
+    s.var_bn = m.running_var;
+  }
+  s.mu.assign(n * c, 0);
+  s.sigma2.assign(n * c, 0);
+  for (size_t t = 0; t < m.slots.size(); ++t) {
+    const int64_t slot = m.slots[t];
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < c; ++j) {
+        s.mu[i * c + j] += m.pm[t] * s.mean_of(m, slot, i, j, mean_in);
+        s.sigma2[i * c + j] += m.pv[t] * s.var_of(m, slot, i, j, var_in);
+      }
+  }
+  return s;
 }
 
-template <typename T>
-void eval_forward(const T* x, T* y, const View& v, const Mixing& mix) {
-  using A = typename Compute<T>::type;
-  const int64_t rows = v.n * v.c;
-  std::vector<A> centre(rows), scale(rows), shift(rows);
-  std::vector<double> mean(rows), var(rows);
-  auto sample_range = [&](int64_t first, int64_t count) {
-    const int64_t offset = first * v.c * v.l;
-    const View part{count, v.c, v.l, v.nlc};
-    const int64_t r0 = first * v.c;
-    moments<T>(x + offset, part, centre.data() + r0, mean.data() + r0, var.data() + r0);
-    eval_scale_shift<A>(mix, v.c, 0, count * v.c, centre.data() + r0, mean.data() + r0, var.data() + r0,
-                        scale.data() + r0, shift.data() + r0);
-    apply<T>(x + offset, y + offset, part, centre.data() + r0, scale.data() + r0, shift.data() + r0);
-  };
-  if (v.c * v.l * int64_t(sizeof(T)) >= kSampleAtOnceBytes) {
-    for (int64_t n = 0; n < v.n; ++n) sample_range(n, 1);
+// The buffers' update from the groups' statistics (G, C): the mean over groups of the update each group would give
+// (a moving average whose momentum weighs the old value, or in batch-average mode the sums of mean and E[x^2]).
+void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mixing& m, double momentum,
+                    bool moving_average) {
+  at::NoGradGuard no_grad;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t groups = m.groups();
+  const Tensor mean_g = at::from_blob(const_cast<double*>(s.mean_bn.data()), {groups, m.c}, f64).to(rm.scalar_type());
+  const Tensor var_g = at::from_blob(const_cast<double*>(s.var_bn.data()), {groups, m.c}, f64).to(rv.scalar_type());
+  if (moving_average) {
+    rm.mul_(momentum).add_(mean_g.mean(0).mul_(1 - momentum).reshape(rm.sizes()));
+    rv.mul_(momentum).add_(var_g.mean(0).mul_(1 - momentum).reshape(rv.sizes()));
   } else {
-    sample_range(0, v.n);
+    rm.add_(mean_g.mean(0).reshape(rm.sizes()));
+    rv.add_((mean_g.pow(2) + var_g).mean(0).reshape(rv.sizes()));
   }
 }
 
-const double* per_channel(const c10::optional<at::Tensor>& t, const View& v, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->numel() == v.c && t->is_contiguous() && t->scalar_type() == at::kDouble,
-              "switch_norm_eval: ", what, " must be contiguous float64, one value per channel");
-  return t->data_ptr<double>();
+// ------------------------------------------------------------------------------------------------ forward
+// y = (x - centre) * a + (bias - (mu - centre) * a), a = weight / sqrt(sigma2 + eps), for samples [n0, n1).
+template <typename A>
+void scale_and_shift(const Mixing& m, const Statistics& s, const std::vector<double>& bias, int64_t n0, int64_t n1,
+                     double eps, const A* centre, A* scale, A* shift) {
+  for (int64_t r = n0 * m.c; r < n1 * m.c; ++r) {
+    const int64_t j = r % m.c;
+    const double a = m.weight[j] / std::sqrt(s.sigma2[r] + eps);
+    scale[r] = A(a);
+    shift[r] = A(bias[j] - (s.mu[r] - double(centre[r])) * a);
+  }
 }
 
-at::Tensor switch_norm_eval(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            at::ArrayRef<double> mean_probs, at::ArrayRef<double> var_probs,
-                            const c10::optional<at::Tensor>& running_mean,
-                            const c10::optional<at::Tensor>& running_var, double eps) {
-  const View v = view_of(x, "switch_norm_eval");
-  TORCH_CHECK(mean_probs.size() == 3 && var_probs.size() == 3, "switch_norm_eval: probabilities are (IN, LN, BN)");
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "switch_norm_eval: give both running buffers or neither");
-  Mixing mix{{mean_probs[0], mean_probs[1], mean_probs[2]},
-             {var_probs[0], var_probs[1], var_probs[2]},
-             per_channel(running_mean, v, "running_mean"),
-             per_channel(running_var, v, "running_var"),
-             per_channel(weight, v, "weight"),
-             per_channel(bias, v, "bias"),
-             eps};
-  at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "switch_norm_eval", [&] {
-    eval_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), v, mix);
+std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
+    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs, const Tensor& var_probs,
+    at::IntArrayRef terms, int64_t group, const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    bool training, double momentum, bool moving_average, double eps) {
+  const View v = view_of(x, "switch_norm");
+  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training);
+  const std::vector<double> b = doubles(bias, v.c, "bias");
+  const auto f64 = x.options().dtype(at::kDouble);
+  Tensor mean = at::empty({v.n, v.c}, f64), var = at::empty({v.n, v.c}, f64), centre;
+  Tensor y = at::empty_like(x);  // preserve_format: x's dense layout
+  Statistics s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "switch_norm", [&] {
+    using A = typename Compute<scalar_t>::type;
+    centre = at::empty({v.n, v.c}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    double* mp = mean.data_ptr<double>();
+    double* vp = var.data_ptr<double>();
+    A* cp = centre.data_ptr<A>();
+    std::vector<A> scale(v.n * v.c), shift(v.n * v.c);
+    // Without BN statistics of the batch a sample needs only its own: a sample larger than the core's caches goes
+    // through both passes on its own, so that the second read finds it in the shared cache.
+    const bool per_sample = !(m.has_bn && training) && v.c * v.l * int64_t(sizeof(scalar_t)) >= kSampleAtOnceBytes;
+    if (per_sample) {
+      const View one{1, v.c, v.l, v.nlc};
+      Mixing sample_mixing = m;
+      sample_mixing.n = 1;
+      for (int64_t i = 0; i < v.n; ++i) {
+        const int64_t offset = i * v.c * v.l, r0 = i * v.c;
+        moments<scalar_t>(xp + offset, one, cp + r0, mp + r0, vp + r0);
+        const Statistics own = statistics(sample_mixing, mp + r0, vp + r0);
+        scale_and_shift<A>(sample_mixing, own, b, 0, 1, eps, cp + r0, scale.data() + r0, shift.data() + r0);
+        apply<scalar_t>(xp + offset, yp + offset, one, cp + r0, scale.data() + r0, shift.data() + r0);
+      }
+    } else {
+      moments<scalar_t>(xp, v, cp, mp, vp);
+      s = statistics(m, mp, vp);
+      scale_and_shift<A>(m, s, b, 0, v.n, eps, cp, scale.data(), shift.data());
+      apply<scalar_t>(xp, yp, v, cp, scale.data(), shift.data());
+    }
   });
-  return y;
+  if (training && m.has_bn && running_mean.has_value() && running_var.has_value()) {
+    Tensor rm = *running_mean, rv = *running_var;
+    update_running(rm, rv, s, m, momentum, moving_average);
+  }
+  return {y, mean, var, centre};
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+// With y = (x - mu) * a + b, a = weight * r, r = (sigma2 + eps)^-1/2, and S1 = sum_L g, T = sum_L g * (x - mu) per
+// (n, c): dbias = sum_N S1, dweight = sum_N r T, dmu = -a S1, dsigma2 = -weight T r^3 / 2; the probabilities get
+// sum_NC dmu * mean_k and sum_NC dsigma2 * var_k; the IN statistics get the chain rule of the mixing (pooled terms:
+// mean = mean of mean_in, var = mean of var_in + (mean_in - mean)^2; eval BN: constants), and
+// dx = g * a + dmean_in / L + dvar_in * 2 (x - mean_in) / (L - 1), taken relative to the centre.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> switch_norm_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
+    const Tensor& var_probs, at::IntArrayRef terms, int64_t group, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, bool training, double eps, const Tensor& mean_in, const Tensor& var_in,
+    const Tensor& centre, std::array<bool, 4> output_mask) {
+  const View v = view_of(x, "switch_norm_backward");
+  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training);
+  const int64_t n = v.n, c = v.c, rows = n * c, k = int64_t(m.slots.size());
+  const double* mi = per_row<double>(mean_in, v, "switch_norm_backward", "mean_in");
+  const double* vi = per_row<double>(var_in, v, "switch_norm_backward", "var_in");
+  const Statistics s = statistics(m, mi, vi);
+  // the passes read g in x's layout and dtype
+  const bool same = grad_y.sizes() == x.sizes() && grad_y.strides() == x.strides() &&
+                    grad_y.scalar_type() == x.scalar_type();
+  const Tensor g = same ? grad_y : at::empty_like(x).copy_(grad_y);
+  std::vector<double> s1(rows), sgc(rows);
+  Tensor dx;
+  std::vector<double> d_mu(rows), d_sigma2(rows), a(rows), dweight(c, 0), dbias(c, 0), dpm(k, 0), dpv(k, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "switch_norm_backward", [&] {
+    using A = typename Compute<scalar_t>::type;
+    const A* cp = per_row<A>(centre, v, "switch_norm_backward", "centre");
+    grad_sums<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), v, cp, s1.data(), sgc.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = r % c;
+      const double inv = 1 / std::sqrt(s.sigma2[r] + eps);
+      const double t = sgc[r] - (s.mu[r] - double(cp[r])) * s1[r];  // sum_L g * (x - mu)
+      a[r] = m.weight[j] * inv;
+      d_mu[r] = -a[r] * s1[r];
+      d_sigma2[r] = -0.5 * m.weight[j] * t * inv * inv * inv;
+      dweight[j] += inv * t;
+      dbias[j] += s1[r];
+    }
+    for (int64_t t = 0; t < k; ++t)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < c; ++j) {
+          dpm[t] += s.mean_of(m, m.slots[t], i, j, mi) * d_mu[i * c + j];
+          dpv[t] += s.var_of(m, m.slots[t], i, j, vi) * d_sigma2[i * c + j];
+        }
+    if (!output_mask[0]) return;
+    std::vector<double> d_mean(rows, 0), d_var(rows, 0);
+    for (int64_t t = 0; t < k; ++t) {
+      const double pm = m.pm[t], pv = m.pv[t];
+      const int64_t slot = m.slots[t];
+      if (slot == kIn) {
+        for (int64_t r = 0; r < rows; ++r) {
+          d_mean[r] += pm * d_mu[r];
+          d_var[r] += pv * d_sigma2[r];
+        }
+      } else if (slot == kLn) {
+        for (int64_t i = 0; i < n; ++i) {
+          double gm = 0, gv = 0;
+          for (int64_t j = 0; j < c; ++j) {
+            gm += d_mu[i * c + j];
+            gv += d_sigma2[i * c + j];
+          }
+          gm *= pm / double(c);
+          gv *= pv / double(c);
+          for (int64_t j = 0; j < c; ++j) {
+            d_mean[i * c + j] += gm + 2 * (mi[i * c + j] - s.mean_ln[i]) * gv;
+            d_var[i * c + j] += gv;
+          }
+        }
+      } else if (training) {  // BN over each group of samples
+        const int64_t size = m.group;
+        std::vector<double> gm(c), gv(c);
+        for (int64_t g0 = 0; g0 < n; g0 += size) {
+          std::fill(gm.begin(), gm.end(), 0.0);
+          std::fill(gv.begin(), gv.end(), 0.0);
+          for (int64_t i = g0; i < g0 + size; ++i)
+            for (int64_t j = 0; j < c; ++j) {
+              gm[j] += d_mu[i * c + j];
+              gv[j] += d_sigma2[i * c + j];
+            }
+          const double* mb = s.mean_bn.data() + (g0 / size) * c;
+          for (int64_t i = g0; i < g0 + size; ++i)
+            for (int64_t j = 0; j < c; ++j) {
+              const double gmj = gm[j] * pm / double(size), gvj = gv[j] * pv / double(size);
+              d_mean[i * c + j] += gmj + 2 * (mi[i * c + j] - mb[j]) * gvj;
+              d_var[i * c + j] += gvj;
+            }
+        }
+      }  // eval BN: the running buffers, constants
+    }
+    std::vector<A> ca(rows), cb(rows), cc(rows);
+    const double length = double(v.l);
+    for (int64_t r = 0; r < rows; ++r) {
+      const double coef_b = 2 * d_var[r] / (length - 1);
+      ca[r] = A(a[r]);
+      cb[r] = A(coef_b);
+      cc[r] = A(d_mean[r] / length - coef_b * (mi[r] - double(cp[r])));
+    }
+    dx = at::empty_like(x);
+    affine_pass<scalar_t, true>(x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), v, cp,
+                                ca.data(), cb.data(), cc.data());
+  });
+  auto as_like = [](const std::vector<double>& values, const Tensor& like, bool wanted) {
+    if (!wanted) return Tensor();
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    return at::from_blob(const_cast<double*>(values.data()), {int64_t(values.size())}, f64)
+        .to(like.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
+        .reshape(like.sizes());
+  };
+  return {dx, as_like(dweight, weight, output_mask[1]), as_like(dbias, bias, output_mask[2]),
+          as_like(dpm, mean_probs, output_mask[3]), as_like(dpv, var_probs, output_mask[3])};
+}
+
+// ------------------------------------------------------------------------------------------------ autograd
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                        const Tensor& mean_probs, const Tensor& var_probs, std::vector<int64_t> terms, int64_t group,
+                        const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+                        double momentum, bool moving_average, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("snzoo::switch_norm_forward", "")
+                         .typed<decltype(switch_norm_forward)>();
+    auto [y, mean_in, var_in, centre] = op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
+                                                running_var, training, momentum, moving_average, eps);
+    // In eval the BN term reads the running buffers: the backward keeps its own copy (the buffers may change
+    // before it runs).
+    const bool eval_bn = !training && running_mean.has_value() && running_var.has_value();
+    const Tensor rm = eval_bn ? running_mean->detach().clone() : Tensor();
+    const Tensor rv = eval_bn ? running_var->detach().clone() : Tensor();
+    ctx->save_for_backward({x, weight, bias, mean_probs, var_probs, mean_in, var_in, centre, rm, rv});
+    ctx->saved_data["terms"] = terms;
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("snzoo::switch_norm_backward", "")
+                         .typed<decltype(switch_norm_backward)>();
+    const std::vector<int64_t> terms = ctx->saved_data["terms"].toIntVector();
+    const optional<Tensor> rm = saved[8].defined() ? optional<Tensor>(saved[8]) : c10::nullopt;
+    const optional<Tensor> rv = saved[9].defined() ? optional<Tensor>(saved[9]) : c10::nullopt;
+    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                   ctx->needs_input_grad(3) || ctx->needs_input_grad(4)};
+    auto [dx, dweight, dbias, dpm, dpv] = op.call(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], terms, ctx->saved_data["group"].toInt(), rm,
+        rv, ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), saved[5], saved[6], saved[7], mask);
+    return {dx, dweight, dbias, dpm, dpv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+Tensor switch_norm_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
+                            const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
+                            const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+                            double momentum, bool moving_average, double eps) {
+  return SwitchNormFunction::apply(x, weight, bias, mean_probs, var_probs, terms.vec(), group, running_mean,
+                                   running_var, training, momentum, moving_average, eps);
+}
+
+Tensor switch_norm_plain(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
+                         const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
+                         const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+                         double momentum, bool moving_average, double eps) {
+  return std::get<0>(switch_norm_forward(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
+                                         running_var, training, momentum, moving_average, eps));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(snzoo, m) {
+#define SNZOO_LAYER_ARGS                                                                                         \
+  "Tensor x, Tensor weight, Tensor bias, Tensor mean_probs, Tensor var_probs, int[] terms, int group, "         \
+  "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, bool moving_average, "     \
+  "float eps"
+  m.def("switch_norm(" SNZOO_LAYER_ARGS ") -> Tensor");
+  m.def("switch_norm_forward(" SNZOO_LAYER_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
+#undef SNZOO_LAYER_ARGS
+  m.def(
+      "switch_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean_probs, "
+      "Tensor var_probs, int[] terms, int group, Tensor? running_mean, Tensor? running_var, bool training, "
+      "float eps, Tensor mean_in, Tensor var_in, Tensor centre, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sn_moments(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("sn_apply(Tensor x, Tensor centre, Tensor scale, Tensor shift) -> Tensor");
   m.def("sn_grad_sums(Tensor g, Tensor x, Tensor centre) -> (Tensor, Tensor)");
   m.def("sn_grad_input(Tensor g, Tensor x, Tensor centre, Tensor a, Tensor b, Tensor c) -> Tensor");
-  m.def(
-      "switch_norm_eval(Tensor x, Tensor weight, Tensor bias, float[] mean_probs, float[] var_probs, "
-      "Tensor? running_mean, Tensor? running_var, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(snzoo, CPU, m) {
+  m.impl("switch_norm", &switch_norm_plain);
+  m.impl("switch_norm_forward", &switch_norm_forward);
+  m.impl("switch_norm_backward", &switch_norm_backward);
   m.impl("sn_moments", &sn_moments);
   m.impl("sn_apply", &sn_apply);
   m.impl("sn_grad_sums", &sn_grad_sums);
   m.impl("sn_grad_input", &sn_grad_input);
-  m.impl("switch_norm_eval", &switch_norm_eval);
+}
+
+TORCH_LIBRARY_IMPL(snzoo, Autograd, m) {
+  m.impl("switch_norm", &switch_norm_autograd);
 }

@@ -1,0 +1,281 @@
+"""The SN / BN grid: every model, batch, precision, layout and mode users run, as ratios measured in one process.
+
+Cells: ResNet-50 v1 at batch 1, 8 and 32 (224x224), resnet20 (Fashion-MNIST, 1x28x28) at batch 8, 32 and 128,
+ResNet-101 v2 and resnet50v1_ssn (Sparse SN, against ResNet-50's BN) at batch 8; each in eval (one forward without
+gradients) and train (forward, backward, SGD step), float32 and bfloat16 autocast, NCHW and channels_last. The SN
+and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating); the ratio of the
+fastest rounds ("best": load only ever adds time) and of the medians are reported, and per model the peak
+training memory (a fresh process per model, precision; NCHW) as SN / BN.
+
+    .venv/bin/python benchmarks/sn_speed.py --grid [--rounds 5] [--device cuda] [--compile] [--no-memory]
+        [--cells resnet20] [--csv results/sn_grid_cpu.csv]
+
+Writes the cells and the memory ratios as CSV (default results/sn_grid_{device}.csv and ..._memory.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+import snzoo
+from common import timed_train_step
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One row group of the grid: an SN model and its BN baseline at a batch and input size."""
+
+    label: str
+    sn: str
+    bn: str
+    batch: int
+    size: int
+    channels: int = 3
+
+
+MODELS = [
+    Model("ResNet-50, 1, 224", "resnet50v1_sn", "resnet50v1_bn", 1, 224),
+    Model("ResNet-50, 8, 224", "resnet50v1_sn", "resnet50v1_bn", 8, 224),
+    Model("ResNet-50, 32, 224", "resnet50v1_sn", "resnet50v1_bn", 32, 224),
+    Model("resnet20, 8, 28", "resnet20_sn", "resnet20_bn", 8, 28, 1),
+    Model("resnet20, 32, 28", "resnet20_sn", "resnet20_bn", 32, 28, 1),
+    Model("resnet20, 128, 28", "resnet20_sn", "resnet20_bn", 128, 28, 1),
+    Model("ResNet-101 v2, 8, 224", "resnet101v2_sn", "resnet101v2_bn", 8, 224),
+    Model("ResNet-50 SSN, 8, 224", "resnet50v1_ssn", "resnet50v1_bn", 8, 224),
+]
+SETTINGS = [("float32", "NCHW"), ("float32", "channels_last"), ("bfloat16", "NCHW"), ("bfloat16", "channels_last")]
+GPU_MODELS = [
+    Model("ResNet-50, 32, 224", "resnet50v1_sn", "resnet50v1_bn", 32, 224),
+    Model("ResNet-50, 128, 224", "resnet50v1_sn", "resnet50v1_bn", 128, 224),
+]
+
+
+class Runner:
+    """A model with its batch and optimizer in one precision and layout; times an eval forward or a training step."""
+
+    def __init__(self, name: str, model: Model, precision: str, layout: str, device: torch.device,
+                 compile_model: bool = False) -> None:
+        torch.manual_seed(0)
+        net = snzoo.create_model(name).to(device)
+        generator = torch.Generator().manual_seed(1)
+        self.images = torch.randn(model.batch, model.channels, model.size, model.size, generator=generator).to(device)
+        self.labels = torch.randint(0, 10, (model.batch,), generator=generator).to(device)
+        if layout == "channels_last":
+            net = net.to(memory_format=torch.channels_last)
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.model = torch.compile(net) if compile_model else net
+        self.net = net
+        self.device = device
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else None
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+        self.loss = nn.CrossEntropyLoss()
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def eval_forward(self) -> float:
+        self.net.eval()
+        with torch.no_grad(), self._autocast():
+            self._sync()
+            start = time.perf_counter()
+            self.model(self.images)
+            self._sync()
+        return time.perf_counter() - start
+
+    def train_step(self) -> float:
+        self.net.train()
+        return timed_train_step(self.model, self.images, self.labels, self.optimizer, self.loss, self._autocast,
+                                self._sync)
+
+
+def time_cell(model: Model, precision: str, layout: str, rounds: int, warmup: int, device: torch.device,
+              compile_model: bool = False) -> list[dict]:
+    """The eval and train rows of one cell: SN and BN interleaved, best-of and median ratios."""
+    runners = {kind: Runner(getattr(model, kind), model, precision, layout, device, compile_model)
+               for kind in ("bn", "sn")}
+    rows = []
+    for mode in ("eval", "train"):
+        times = {"bn": [], "sn": []}
+        for _ in range(warmup):
+            for runner in runners.values():
+                getattr(runner, f"{mode}_step" if mode == "train" else "eval_forward")()
+        for r in range(rounds):
+            order = ("bn", "sn") if r % 2 == 0 else ("sn", "bn")
+            for kind in order:
+                runner = runners[kind]
+                times[kind].append(runner.train_step() if mode == "train" else runner.eval_forward())
+        rows.append({
+            "model": model.label, "sn_model": model.sn, "bn_model": model.bn, "batch": model.batch,
+            "size": model.size, "precision": precision, "layout": layout, "mode": mode,
+            "bn_ms_best": 1000 * min(times["bn"]), "sn_ms_best": 1000 * min(times["sn"]),
+            "ratio_best": min(times["sn"]) / min(times["bn"]),
+            "ratio_median": statistics.median(times["sn"]) / statistics.median(times["bn"]),
+        })
+    del runners
+    gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_probe(name: str, model: Model, precision: str, device: torch.device) -> int:
+    """Bytes by which one training step raises the peak over the memory after building and one eval forward."""
+    runner = Runner(name, model, precision, "NCHW", device)
+    runner.eval_forward()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.train_step()
+        return torch.cuda.max_memory_allocated(device) - base
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+    runner.train_step()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def measure_memory(name: str, model: Model, precision: str, device: str) -> int:
+    """`memory_probe` in a fresh process (glibc's mmap threshold pinned, so that freed tensors leave the RSS)."""
+    command = [sys.executable, str(Path(__file__).resolve().parent / "sn_speed.py"), "--grid-memory-probe",
+               json.dumps({"name": name, "model": MODELS.index(model) if model in MODELS else -1,
+                           "gpu_model": GPU_MODELS.index(model) if model in GPU_MODELS else -1,
+                           "precision": precision, "device": device})]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {name} failed:\n{done.stderr}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def run_memory_probe(spec: str) -> None:
+    """The body of the fresh process `measure_memory` starts: prints the bytes."""
+    args = json.loads(spec)
+    model = MODELS[args["model"]] if args["model"] >= 0 else GPU_MODELS[args["gpu_model"]]
+    print(memory_probe(args["name"], model, args["precision"], torch.device(args["device"])))
+
+
+# ---------------------------------------------------------------------------------------------- report
+def environment(device: torch.device) -> str:
+    from sn_speed import available_cores, cpu_model
+
+    hardware = f"{cpu_model()} ({available_cores()} cores)"
+    if device.type == "cuda":
+        hardware += f", {torch.cuda.get_device_name(device)}"
+    from snzoo.nn import cpu_kernels
+
+    kernel = cpu_kernels.active() if device.type == "cpu" else os.environ.get("SNZOO_TRITON") == "1"
+    what = "snzoo CPU kernel" if device.type == "cpu" else "Triton passes"
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}; {what} "
+            f"{'on' if kernel else 'off'}; {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+
+
+def summary(rows: list[dict], target: float = 1.10) -> list[str]:
+    best = [row["ratio_best"] for row in rows]
+    misses = [row for row in rows if row["ratio_best"] > target]
+    return [
+        f"# {len(rows)} cells: best-of-rounds SN / BN median {statistics.median(best):.3f}, "
+        f"max {max(best):.3f}, min {min(best):.3f}; {len(misses)} cells above {target:.2f}",
+        *(f"#   above {target:.2f}: {r['model']}, {r['precision']} {r['layout']} {r['mode']}: {r['ratio_best']:.2f}"
+          for r in misses),
+    ]
+
+
+def table(rows: list[dict]) -> list[str]:
+    """One line per model: eval / train best-of ratio for each precision and layout."""
+    lines = ["| model, batch, size | " + " | ".join(f"{p} {l} eval / train" for p, l in SETTINGS) + " |",
+             "|---" * (len(SETTINGS) + 1) + "|"]
+    for label in dict.fromkeys(row["model"] for row in rows):
+        cells = []
+        for precision, layout in SETTINGS:
+            found = {r["mode"]: r["ratio_best"] for r in rows
+                     if r["model"] == label and r["precision"] == precision and r["layout"] == layout}
+            cells.append(" / ".join(f"{found[m]:.2f}" if m in found else "-" for m in ("eval", "train")))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (--grid)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (--grid)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (--grid)")
+    parser.add_argument("--cells", default="", help="only models whose label contains this text (--grid)")
+    parser.add_argument("--csv", help="where the grid's CSV goes (default results/sn_grid_{device}.csv)")
+    parser.add_argument("--grid-memory-probe", help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the grid for `benchmarks/sn_speed.py --grid`."""
+    device = torch.device(args.device)
+    models = GPU_MODELS if device.type == "cuda" else MODELS
+    models = [m for m in models if args.cells.lower() in m.label.lower()]
+    print(f"# SN / BN grid on {args.device}{' (torch.compile)' if args.compile else ''}: {environment(device)}")
+    print(f"# {args.rounds} interleaved rounds per cell after {args.warmup} warm-up; ratios of the fastest rounds")
+    rows = []
+    for model in models:
+        for precision, layout in SETTINGS:
+            for row in time_cell(model, precision, layout, args.rounds, args.warmup, device, args.compile):
+                rows.append(row)
+                print(f"{row['model']:<24}{precision:>9} {layout:<14}{row['mode']:<6}"
+                      f"BN {row['bn_ms_best']:9.1f} ms  SN {row['sn_ms_best']:9.1f} ms  "
+                      f"{row['ratio_best']:.3f} (median {row['ratio_median']:.3f})", flush=True)
+    memory = []
+    if not args.no_memory:
+        for model in models:
+            for precision in ("float32", "bfloat16"):
+                bn = measure_memory(model.bn, model, precision, args.device)
+                sn = measure_memory(model.sn, model, precision, args.device)
+                memory.append({"model": model.label, "precision": precision, "bn_mib": bn / 2**20,
+                               "sn_mib": sn / 2**20, "ratio": sn / bn})
+                print(f"memory {model.label:<24}{precision:>9}  BN {bn / 2**20:8.1f} MiB  SN {sn / 2**20:8.1f} MiB  "
+                      f"{sn / bn:.3f}", flush=True)
+    print("\n".join(table(rows) + summary(rows)))
+    if memory:
+        worst = max(memory, key=lambda m: m["ratio"])
+        print(f"# peak training memory SN / BN: max {worst['ratio']:.3f} ({worst['model']}, {worst['precision']})")
+    suffix = "_compile" if args.compile else ""
+    path = Path(args.csv) if args.csv else RESULTS / f"sn_grid_{device.type}{suffix}.csv"
+    write_csv(path, rows)
+    write_csv(path.with_name(path.stem + "_memory.csv"), memory)
+    print(f"# wrote {path}" + (f" and {path.with_name(path.stem + '_memory.csv')}" if memory else ""))

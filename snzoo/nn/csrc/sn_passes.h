@@ -1,0 +1,367 @@
+// The full-size passes of switchable normalisation on the CPU, shared by the operators of switch_norm_cpu.cpp.
+//
+// x is viewed without a copy as (N, C, L) rows (contiguous input) or as (N, L, C) (channels innermost: channels_last
+// and channels_last_3d), L >= 2, in float32, float64, bfloat16 or float16. Half-precision values are read and written
+// in their own dtype and computed in float32 (the "compute dtype"); nothing full-size is copied. Every pass splits its
+// work from the shapes alone, never from the thread count, so that results do not depend on how many threads run.
+//
+// - moments: per-(n, c) IN mean and unbiased variance (float64) in one read from memory: x goes in parts of about
+//   kChunk values, each read twice while it is in the core's cache (its mean m, then d = x - m, whose sums correct m
+//   and give the squared deviations without cancellation, so that a large mean costs no precision), and the parts
+//   combine exactly in float64; centre = the mean rounded to the compute dtype.
+// - affine_pass: out = (x - m) * b + c (+ g * a), per (n, c).
+// - grad_sums: sum_L g and sum_L g * (x - m) per (n, c), float64, one read of g and x.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace snzoo_cpu {
+constexpr int64_t kChunk = 2048;           // values summed in the compute dtype before a float64 accumulation
+constexpr int64_t kTaskValues = 1 << 15;   // values a parallel task handles, at least
+constexpr int64_t kSampleAtOnceBytes = int64_t(1) << 20;
+
+// ------------------------------------------------------------------------------------------------ dtypes
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
+
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(c10::Half v) { return float(v); }
+// bfloat16 is the top half of a float32: a shift, which vectorises (c10's conversion goes through a union).
+inline float load(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline T store(typename Compute<T>::type v) {
+  return T(v);
+}
+// Round to nearest even, NaN kept a (quiet) NaN: c10's rounding, written without a branch so that it vectorises.
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  c10::BFloat16 out;
+  out.x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ layout
+struct View {
+  int64_t n, c, l;
+  bool nlc;  // channels innermost: element (n, c, l) at (n * L + l) * C + c; else at (n * C + c) * L + l
+};
+
+inline View view_of(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 3, op, ": x must have at least 3 dimensions (N, C, *)");
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(n > 0 && c > 0, op, ": x must not be empty");
+  const int64_t l = x.numel() / (n * c);
+  TORCH_CHECK(l >= 2, op, ": needs at least 2 values per (sample, channel)");
+  if (x.is_contiguous()) return {n, c, l, false};
+  TORCH_CHECK(x.movedim(1, -1).is_contiguous(), op, ": x must be contiguous or channels_last");
+  return {n, c, l, true};
+}
+
+inline void same_layout(const at::Tensor& t, const at::Tensor& x, const char* op, const char* what) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type(), op, ": ",
+              what, " must have x's shape, strides and dtype");
+}
+
+template <typename A>
+const A* per_row(const at::Tensor& t, const View& v, const char* op, const char* what) {
+  TORCH_CHECK(t.numel() == v.n * v.c && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<A>::value,
+              op, ": ", what, " must be contiguous (N, C) in the compute dtype");
+  return t.data_ptr<A>();
+}
+
+// (N, L, C) work in tasks of (sample, block of up to kChannelBlock channels, segment of rows), about kTaskValues
+// values each, so that there are tasks for every thread at batch 1 too; inside a task, rows go in groups of about kChunk values, summed in the
+// compute dtype (vectorised over the channels) and then accumulated in float64.
+constexpr int64_t kChannelBlock = 64;
+constexpr int64_t kGroupRows = 256;
+
+struct NlcTasks {
+  int64_t block, blocks, segments, segment_rows, group_rows;
+  explicit NlcTasks(const View& v) {
+    block = std::min(v.c, kChannelBlock);
+    blocks = (v.c + block - 1) / block;
+    group_rows = std::clamp<int64_t>(kChunk / block, 1, kGroupRows);
+    // from the sizes alone, not the thread count: results must not depend on how many threads run
+    segments = std::clamp<int64_t>(v.l * block / kTaskValues, 1, std::max<int64_t>(1, v.l / (4 * group_rows)));
+    segment_rows = (v.l + segments - 1) / segments;
+  }
+  int64_t count(const View& v) const { return v.n * blocks * segments; }
+  // task -> sample, first channel, channel count, segment, first row, end row
+  void unpack(const View& v, int64_t task, int64_t& n, int64_t& c0, int64_t& width, int64_t& segment, int64_t& l0,
+              int64_t& l1) const {
+    segment = task % segments;
+    const int64_t rest = task / segments;
+    c0 = (rest % blocks) * block;
+    n = rest / blocks;
+    width = std::min(block, v.c - c0);
+    l0 = segment * segment_rows;
+    l1 = std::min(v.l, l0 + segment_rows);
+  }
+};
+
+// out = (x - m) * b + c, plus g * a when kWithGrad, with per-(n, c) coefficients, in x's layout. The coefficients of
+// a row are hoisted into registers (NCL) and every pointer is restrict, so that the inner loops vectorise.
+template <typename T, bool kWithGrad>
+void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out, const View& v,
+                 const typename Compute<T>::type* __restrict m, const typename Compute<T>::type* __restrict a,
+                 const typename Compute<T>::type* __restrict b, const typename Compute<T>::type* __restrict c) {
+  using A = typename Compute<T>::type;
+  if (!v.nlc) {
+    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A mr = m[r], ar = kWithGrad ? a[r] : A(0), br = b[r], cr = c[r];
+        const T* __restrict xr = x + r * v.l;
+        const T* __restrict gr = kWithGrad ? g + r * v.l : nullptr;
+        T* __restrict yr = out + r * v.l;
+#pragma omp simd
+        for (int64_t l = 0; l < v.l; ++l) {
+          A value = (load(xr[l]) - mr) * br + cr;
+          if (kWithGrad) value += load(gr[l]) * ar;
+          yr[l] = store<T>(value);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, v.n * v.l, std::max<int64_t>(1, kTaskValues / v.c), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t first = (row / v.l) * v.c;
+      const A* __restrict mn = m + first;
+      const A* __restrict an = kWithGrad ? a + first : nullptr;
+      const A* __restrict bn = b + first;
+      const A* __restrict cn = c + first;
+      const T* __restrict xr = x + row * v.c;
+      const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+      T* __restrict yr = out + row * v.c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < v.c; ++ch) {
+        A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
+        if (kWithGrad) value += load(gr[ch]) * an[ch];
+        yr[ch] = store<T>(value);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ moments
+// Count, mean and sum of squared deviations of a part of a row; parts combine exactly (Chan et al.), so each part
+// is read from memory once: its two passes (mean, then centred squares) run while it is in the core's cache.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  void add(double count_b, double mean_b, double m2_b) {
+    const double total = count + count_b, delta = mean_b - mean;
+    mean += delta * (count_b / total);
+    m2 += m2_b + delta * delta * (count * count_b / total);
+    count = total;
+  }
+};
+
+// The part's first pass gives its rounded mean m; the second sums d = x - m and d^2, which corrects m and gives the
+// squared deviations without cancellation: mean = m + sum d / k, m2 = sum d^2 - (sum d)^2 / k.
+template <typename T>
+Moments chunk_moments(const T* x, int64_t count) {
+  using A = typename Compute<T>::type;
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) sum += load(x[i]);
+  const A m = sum / A(count);
+  A squares = 0, residue = 0;
+#pragma omp simd reduction(+ : squares, residue)
+  for (int64_t i = 0; i < count; ++i) {
+    const A d = load(x[i]) - m;
+    squares += d * d;
+    residue += d;
+  }
+  const double k = double(count), res = residue;
+  return {k, double(m) + res / k, double(squares) - res * res / k};
+}
+
+template <typename T>
+void moments(const T* x, const View& v, typename Compute<T>::type* centre, double* mean, double* var) {
+  using A = typename Compute<T>::type;
+  auto finish = [&](int64_t r, const Moments& mo) {
+    mean[r] = mo.mean;
+    var[r] = mo.m2 / double(v.l - 1);
+    centre[r] = A(mo.mean);
+  };
+  if (!v.nlc) {
+    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        Moments mo;
+        for (int64_t start = 0; start < v.l; start += kChunk) {
+          const int64_t count = std::min(kChunk, v.l - start);
+          const Moments part = chunk_moments(x + r * v.l + start, count);
+          mo.add(part.count, part.mean, part.m2);
+        }
+        finish(r, mo);
+      }
+    });
+    return;
+  }
+  // (N, L, C): each task combines the moments of its groups of rows per channel, then the segments of each sample
+  // are combined.
+  const NlcTasks tasks(v);
+  std::vector<Moments> partial(v.n * tasks.segments * v.c);
+  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
+    A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
+    Moments acc[kChannelBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t n, c0, width, segment, l0, l1;
+      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
+      for (int64_t c = 0; c < width; ++c) acc[c] = Moments();
+      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
+        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
+        const A count = A(g1 - g0);
+        for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = A(0);
+        for (int64_t l = g0; l < g1; ++l) {
+          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) sum[c] += load(row[c]);
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) sum[c] /= count;
+        for (int64_t l = g0; l < g1; ++l) {
+          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) {
+            const A d = load(row[c]) - sum[c];
+            squares[c] += d * d;
+            residue[c] += d;
+          }
+        }
+        const double k = double(count);
+        for (int64_t c = 0; c < width; ++c) {
+          const double res = residue[c];
+          acc[c].add(k, double(sum[c]) + res / k, double(squares[c]) - res * res / k);
+        }
+      }
+      for (int64_t c = 0; c < width; ++c) partial[(n * tasks.segments + segment) * v.c + c0 + c] = acc[c];
+    }
+  });
+  for (int64_t n = 0; n < v.n; ++n) {
+    for (int64_t c = 0; c < v.c; ++c) {
+      Moments mo;
+      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
+        const Moments& part = partial[(n * tasks.segments + segment) * v.c + c];
+        mo.add(part.count, part.mean, part.m2);
+      }
+      finish(n * v.c + c, mo);
+    }
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------ apply
+template <typename T>
+void apply(const T* x, T* y, const View& v, const typename Compute<T>::type* centre,
+           const typename Compute<T>::type* scale, const typename Compute<T>::type* shift) {
+  affine_pass<T, false>(x, nullptr, y, v, centre, nullptr, scale, shift);
+}
+
+
+// ------------------------------------------------------------------------------------------------ backward
+// Per (n, c): sum g and sum g * (x - m), in float64 out of compute-dtype partial sums of about kChunk values.
+template <typename T>
+void grad_sums(const T* __restrict g, const T* __restrict x, const View& v, const typename Compute<T>::type* m,
+               double* sum_g, double* sum_gd) {
+  using A = typename Compute<T>::type;
+  if (!v.nlc) {
+    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A mr = m[r];
+        double total_g = 0, total_gd = 0;
+        for (int64_t start = 0; start < v.l; start += kChunk) {
+          const T* __restrict gr = g + r * v.l + start;
+          const T* __restrict xr = x + r * v.l + start;
+          const int64_t count = std::min(kChunk, v.l - start);
+          A part_g = 0, part_gd = 0;
+#pragma omp simd reduction(+ : part_g, part_gd)
+          for (int64_t l = 0; l < count; ++l) {
+            const A gl = load(gr[l]);
+            part_g += gl;
+            part_gd += gl * (load(xr[l]) - mr);
+          }
+          total_g += part_g;
+          total_gd += part_gd;
+        }
+        sum_g[r] = total_g;
+        sum_gd[r] = total_gd;
+      }
+    });
+    return;
+  }
+  const NlcTasks tasks(v);
+  std::vector<double> partial_g(v.n * tasks.segments * v.c), partial_gd(v.n * tasks.segments * v.c);
+  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
+    A part_g[kChannelBlock], part_gd[kChannelBlock];
+    double total_g[kChannelBlock], total_gd[kChannelBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t n, c0, width, segment, l0, l1;
+      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
+      const A* __restrict mn = m + n * v.c + c0;
+      for (int64_t c = 0; c < width; ++c) total_g[c] = total_gd[c] = 0;
+      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
+        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
+        for (int64_t c = 0; c < width; ++c) part_g[c] = part_gd[c] = A(0);
+        for (int64_t l = g0; l < g1; ++l) {
+          const T* __restrict gr = g + (n * v.l + l) * v.c + c0;
+          const T* __restrict xr = x + (n * v.l + l) * v.c + c0;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) {
+            const A gl = load(gr[c]);
+            part_g[c] += gl;
+            part_gd[c] += gl * (load(xr[c]) - mn[c]);
+          }
+        }
+        for (int64_t c = 0; c < width; ++c) {
+          total_g[c] += part_g[c];
+          total_gd[c] += part_gd[c];
+        }
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        partial_g[(n * tasks.segments + segment) * v.c + c0 + c] = total_g[c];
+        partial_gd[(n * tasks.segments + segment) * v.c + c0 + c] = total_gd[c];
+      }
+    }
+  });
+  for (int64_t n = 0; n < v.n; ++n) {
+    for (int64_t c = 0; c < v.c; ++c) {
+      double total1 = 0, total2 = 0;
+      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
+        total1 += partial_g[(n * tasks.segments + segment) * v.c + c];
+        total2 += partial_gd[(n * tasks.segments + segment) * v.c + c];
+      }
+      sum_g[n * v.c + c] = total1;
+      sum_gd[n * v.c + c] = total2;
+    }
+  }
+}
+
+
+}  // namespace snzoo_cpu
