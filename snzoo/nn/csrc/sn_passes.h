@@ -175,22 +175,28 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
   void add(double count_b, double mean_b, double m2_b) {
-    const double total = count + count_b, delta = mean_b - mean;
-    mean += delta * (count_b / total);
-    m2 += m2_b + delta * delta * (count * count_b / total);
+    if (count == 0) {  // the first part: nothing to combine (and no division, which short rows would pay for)
+      count = count_b, mean = mean_b, m2 = m2_b;
+      return;
+    }
+    const double total = count + count_b, delta = mean_b - mean, share = count_b / total;
+    mean += delta * share;
+    m2 += m2_b + delta * delta * (count * share);
     count = total;
   }
 };
 
 // The part's first pass gives its rounded mean m; the second sums d = x - m and d^2, which corrects m and gives the
 // squared deviations without cancellation: mean = m + sum d / k, m2 = sum d^2 - (sum d)^2 / k.
+// m is only the centre of the second pass (the residue corrects it), so it may be rounded any way: it is taken with a
+// multiplication by 1 / count, which the caller computes once for rows of equal length.
 template <typename T>
-Moments chunk_moments(const T* x, int64_t count) {
+Moments chunk_moments(const T* x, int64_t count, double inv_count) {
   using A = typename Compute<T>::type;
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) sum += load(x[i]);
-  const A m = sum / A(count);
+  const A m = sum * A(inv_count);
   A squares = 0, residue = 0;
 #pragma omp simd reduction(+ : squares, residue)
   for (int64_t i = 0; i < count; ++i) {
@@ -198,25 +204,28 @@ Moments chunk_moments(const T* x, int64_t count) {
     squares += d * d;
     residue += d;
   }
-  const double k = double(count), res = residue;
-  return {k, double(m) + res / k, double(squares) - res * res / k};
+  const double res = residue;
+  return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
 }
 
 template <typename T>
 void moments(const T* x, const View& v, typename Compute<T>::type* centre, double* mean, double* var) {
   using A = typename Compute<T>::type;
+  const double inv_l1 = 1.0 / double(v.l - 1);
   auto finish = [&](int64_t r, const Moments& mo) {
     mean[r] = mo.mean;
-    var[r] = mo.m2 / double(v.l - 1);
+    var[r] = mo.m2 * inv_l1;
     centre[r] = A(mo.mean);
   };
   if (!v.nlc) {
+    const int64_t last = (v.l - 1) / kChunk * kChunk;  // start of the last, possibly shorter, part of a row
+    const double inv_full = 1.0 / double(std::min(kChunk, v.l)), inv_last = 1.0 / double(v.l - last);
     at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         Moments mo;
         for (int64_t start = 0; start < v.l; start += kChunk) {
           const int64_t count = std::min(kChunk, v.l - start);
-          const Moments part = chunk_moments(x + r * v.l + start, count);
+          const Moments part = chunk_moments(x + r * v.l + start, count, start == last ? inv_last : inv_full);
           mo.add(part.count, part.mean, part.m2);
         }
         finish(r, mo);
@@ -237,7 +246,8 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
       for (int64_t c = 0; c < width; ++c) acc[c] = Moments();
       for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
         const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        const A count = A(g1 - g0);
+        const double k = double(g1 - g0), inv_k = 1.0 / k;
+        const A inv_count = A(inv_k);
         for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = A(0);
         for (int64_t l = g0; l < g1; ++l) {
           const T* __restrict row = x + (n * v.l + l) * v.c + c0;
@@ -245,7 +255,7 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
           for (int64_t c = 0; c < width; ++c) sum[c] += load(row[c]);
         }
 #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) sum[c] /= count;
+        for (int64_t c = 0; c < width; ++c) sum[c] *= inv_count;  // the centre of the second pass only
         for (int64_t l = g0; l < g1; ++l) {
           const T* __restrict row = x + (n * v.l + l) * v.c + c0;
 #pragma omp simd
@@ -255,10 +265,9 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
             residue[c] += d;
           }
         }
-        const double k = double(count);
         for (int64_t c = 0; c < width; ++c) {
           const double res = residue[c];
-          acc[c].add(k, double(sum[c]) + res / k, double(squares[c]) - res * res / k);
+          acc[c].add(k, double(sum[c]) + res * inv_k, double(squares[c]) - res * res * inv_k);
         }
       }
       for (int64_t c = 0; c < width; ++c) partial[(n * tasks.segments + segment) * v.c + c0 + c] = acc[c];

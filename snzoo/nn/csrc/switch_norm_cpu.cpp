@@ -205,11 +205,26 @@ Statistics statistics(const Mixing& m, const double* mean_in, const double* var_
   s.sigma2.assign(n * c, 0);
   for (size_t t = 0; t < m.slots.size(); ++t) {
     const int64_t slot = m.slots[t];
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < c; ++j) {
-        s.mu[i * c + j] += m.pm[t] * s.mean_of(m, slot, i, j, mean_in);
-        s.sigma2[i * c + j] += m.pv[t] * s.var_of(m, slot, i, j, var_in);
+    const double pm = m.pm[t], pv = m.pv[t];
+    for (int64_t i = 0; i < n; ++i) {
+      double* __restrict mu = s.mu.data() + i * c;
+      double* __restrict sigma2 = s.sigma2.data() + i * c;
+      if (slot == kLn) {
+        const double mean = pm * s.mean_ln[i], var = pv * s.var_ln[i];
+        for (int64_t j = 0; j < c; ++j) {
+          mu[j] += mean;
+          sigma2[j] += var;
+        }
+        continue;
       }
+      const double* __restrict mean = slot == kIn ? mean_in + i * c : s.mean_bn.data() + Statistics::bn_row(m, i) * c;
+      const double* __restrict var = slot == kIn ? var_in + i * c : s.var_bn.data() + Statistics::bn_row(m, i) * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        mu[j] += pm * mean[j];
+        sigma2[j] += pv * var[j];
+      }
+    }
   }
   return s;
 }
@@ -237,11 +252,16 @@ void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mixing& m
 template <typename A>
 void scale_and_shift(const Mixing& m, const Statistics& s, const std::vector<double>& bias, int64_t n0, int64_t n1,
                      double eps, const A* centre, A* scale, A* shift) {
-  for (int64_t r = n0 * m.c; r < n1 * m.c; ++r) {
-    const int64_t j = r % m.c;
-    const double a = m.weight[j] / std::sqrt(s.sigma2[r] + eps);
-    scale[r] = A(a);
-    shift[r] = A(bias[j] - (s.mu[r] - double(centre[r])) * a);
+  const double* __restrict weight = m.weight.data();
+  const double* __restrict b = bias.data();
+  for (int64_t i = n0; i < n1; ++i) {
+    const int64_t r0 = i * m.c;
+#pragma omp simd
+    for (int64_t j = 0; j < m.c; ++j) {
+      const double a = weight[j] / std::sqrt(s.sigma2[r0 + j] + eps);
+      scale[r0 + j] = A(a);
+      shift[r0 + j] = A(b[j] - (s.mu[r0 + j] - double(centre[r0 + j])) * a);
+    }
   }
 }
 
@@ -265,19 +285,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
     double* vp = var.data_ptr<double>();
     A* cp = centre.data_ptr<A>();
     std::vector<A> scale(v.n * v.c), shift(v.n * v.c);
-    // Without BN statistics of the batch a sample needs only its own: a sample larger than the core's caches goes
-    // through both passes on its own, so that the second read finds it in the shared cache.
-    const bool per_sample = !(m.has_bn && training) && v.c * v.l * int64_t(sizeof(scalar_t)) >= kSampleAtOnceBytes;
-    if (per_sample) {
+    // Without BN statistics of the batch a sample needs only its own: both passes of a sample run back to back, so
+    // that the second read finds it in cache. A sample larger than the core's caches is split over the threads
+    // (the passes parallelise inside it); smaller ones go one per task, in one parallel region for the layer. The
+    // passes split a sample's work the same way in both cases, so the results do not depend on the schedule.
+    const bool own_statistics = !(m.has_bn && training);
+    const bool large = v.c * v.l * int64_t(sizeof(scalar_t)) >= kSampleAtOnceBytes;
+    if (own_statistics && (large || v.n >= 2 * at::get_num_threads())) {
       const View one{1, v.c, v.l, v.nlc};
       Mixing sample_mixing = m;
       sample_mixing.n = 1;
-      for (int64_t i = 0; i < v.n; ++i) {
+      auto sample = [&](int64_t i) {
         const int64_t offset = i * v.c * v.l, r0 = i * v.c;
         moments<scalar_t>(xp + offset, one, cp + r0, mp + r0, vp + r0);
         const Statistics own = statistics(sample_mixing, mp + r0, vp + r0);
         scale_and_shift<A>(sample_mixing, own, b, 0, 1, eps, cp + r0, scale.data() + r0, shift.data() + r0);
         apply<scalar_t>(xp + offset, yp + offset, one, cp + r0, scale.data() + r0, shift.data() + r0);
+      };
+      if (large) {
+        for (int64_t i = 0; i < v.n; ++i) sample(i);
+      } else {  // the passes' own parallel_for runs inline inside this one
+        at::parallel_for(0, v.n, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) sample(i);
+        });
       }
     } else {
       moments<scalar_t>(xp, v, cp, mp, vp);
@@ -456,6 +486,17 @@ Tensor switch_norm_autograd(const Tensor& x, const Tensor& weight, const Tensor&
                             const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
                             double momentum, bool moving_average, double eps) {
+  const bool records = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() ||
+                                                      bias.requires_grad() || mean_probs.requires_grad() ||
+                                                      var_probs.requires_grad());
+  if (!records) {  // nothing to save for a backward (eval, torch.no_grad): the forward alone
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("snzoo::switch_norm_forward", "")
+                         .typed<decltype(switch_norm_forward)>();
+    return std::get<0>(op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean, running_var,
+                               training, momentum, moving_average, eps));
+  }
   return SwitchNormFunction::apply(x, weight, bias, mean_probs, var_probs, terms.vec(), group, running_mean,
                                    running_var, training, momentum, moving_average, eps);
 }
