@@ -341,3 +341,36 @@ def test_fixed_weights_stay_one_hot_under_weight_decay_with_zeroed_grads():
     assert not torch.equal(layer.var_weight.detach(), torch.tensor([0.0, 1.0, 0.0]))  # decay touched the raw vector
     _, var_probs = layer.importance_weights()
     assert torch.equal(var_probs, torch.tensor([0.0, 1.0, 0.0]))  # the weights used are still exactly one-hot
+
+
+def test_ssn_eval_weights_follow_every_change_of_their_inputs():
+    """Eval reuses the last sparsestmax result only while the raw weights, radius and flags are unchanged: a new
+    radius, an in-place update (an optimiser step, load_state_dict), a change of dtype all give fresh weights, equal
+    to sparsestmax computed anew."""
+    from snzoo.nn.sparsestmax import sparsestmax as fresh
+
+    layer = SparseSwitchNorm2d(4).eval()
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        layer.var_weight.copy_(torch.tensor([-0.1, 0.4, 0.0]))
+
+    def expected():
+        return fresh(layer.mean_weight.detach(), float(layer.radius)), fresh(layer.var_weight.detach(), float(layer.radius))
+
+    def check():
+        with torch.no_grad():
+            got = layer.importance_weights()
+        for a, b in zip(got, expected()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    check()
+    layer.set_radius(0.6)
+    check()
+    with torch.no_grad():
+        layer.mean_weight.add_(torch.tensor([0.5, 0.0, -0.5]))
+    check()
+    layer.load_state_dict({**layer.state_dict(), "var_weight": torch.tensor([1.0, -1.0, 0.2])})
+    check()
+    layer.double()
+    check()
+    assert layer.importance_weights()[0].dtype == torch.float64

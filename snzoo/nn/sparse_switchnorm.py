@@ -56,7 +56,19 @@ class SparseSwitchNorm2d(_SwitchNorm):
         return w
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
-        return self._weights(self.mean_weight, self.mean_fixed), self._weights(self.var_weight, self.var_fixed)
+        if self.training and torch.is_grad_enabled():
+            return self._weights(self.mean_weight, self.mean_fixed), self._weights(self.var_weight, self.var_fixed)
+        # Without a gradient step the weights change only when their inputs do: sparsestmax is a few dozen small
+        # operations, as long as a small layer's normalisation itself, so eval reuses the last result.
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in
+                    (self.mean_weight, self.var_weight, self.radius, self.mean_fixed, self.var_fixed))
+        cached = self.__dict__.get("_eval_weights")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weights = (self._weights(self.mean_weight, self.mean_fixed),
+                           self._weights(self.var_weight, self.var_fixed))
+            cached = self.__dict__["_eval_weights"] = (key, weights)
+        return cached[1]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", radius={float(self.radius.item()):.4g}"
