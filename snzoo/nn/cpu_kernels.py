@@ -32,7 +32,7 @@ from torch import Tensor
 from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
-HEADERS = ("sn_passes.h",)  # next to SOURCE; part of the build's name
+HEADERS = ("sn_mixing.h", "sn_passes.h")  # next to SOURCE; part of the build's name
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 

@@ -1,0 +1,190 @@
+// The (N, C)-sized work of a switchable-normalisation layer, shared by the forward and the backward of
+// switch_norm_cpu.cpp: the layer's configuration (terms, probabilities, BN groups or running buffers), the pooled LN
+// and BN statistics and their mixtures, the running-buffer update, the forward's per-(n, c) scale and shift. All in
+// float64; the pooled variances in the cancellation-free form mean(var) + mean((mean - pooled mean)^2).
+
+#pragma once
+
+#include "sn_passes.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <vector>
+
+namespace snzoo_cpu {
+
+using at::Tensor;
+using c10::optional;
+
+// ------------------------------------------------------------------------------------------------ (N, C) algebra
+enum Slot : int64_t { kIn = 0, kLn = 1, kBn = 2 };
+
+// Small per-channel or per-term tensors (any floating dtype, any shape) as float64 values.
+inline std::vector<double> doubles(const Tensor& t, int64_t count, const char* what) {
+  TORCH_CHECK(t.numel() == count, "switch_norm: ", what, " must have ", count, " values, not ", t.numel());
+  const Tensor dense = t.contiguous();
+  std::vector<double> out(count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dense.scalar_type(), "doubles", [&] {
+    const scalar_t* p = dense.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) out[i] = double(load(p[i]));
+  });
+  return out;
+}
+
+// One layer's mixing: which terms, their probabilities, the BN groups or running buffers, the affine weight.
+struct Mixing {
+  int64_t n, c, group;
+  bool training;
+  std::vector<int64_t> slots;  // the statistic of probability k
+  std::vector<double> pm, pv;
+  bool has_ln = false, has_bn = false;
+  std::vector<double> weight;
+  std::vector<double> running_mean, running_var;  // eval with a BN term: the BN statistics
+
+  Mixing(const View& v, const Tensor& w, const Tensor& mean_probs, const Tensor& var_probs, at::IntArrayRef terms,
+         int64_t group_size, const optional<Tensor>& rm, const optional<Tensor>& rv, bool train)
+      : n(v.n), c(v.c), group(group_size), training(train), slots(terms.begin(), terms.end()) {
+    const int64_t k = int64_t(slots.size());
+    TORCH_CHECK(k >= 1 && k <= 3, "switch_norm: between 1 and 3 terms");
+    pm = doubles(mean_probs, k, "mean_probs");
+    pv = doubles(var_probs, k, "var_probs");
+    for (int64_t s : slots) {
+      TORCH_CHECK(s >= kIn && s <= kBn, "switch_norm: terms are 0 (IN), 1 (LN) or 2 (BN)");
+      has_ln |= s == kLn;
+      has_bn |= s == kBn;
+    }
+    weight = doubles(w, c, "weight");
+    if (has_bn && training) {
+      TORCH_CHECK(group >= 1 && n % group == 0, "switch_norm: the batch of ", n, " does not split into groups of ",
+                  group);
+    } else if (has_bn) {
+      TORCH_CHECK(rm.has_value() && rv.has_value(), "switch_norm: eval with a BN term needs the running buffers");
+      running_mean = doubles(*rm, c, "running_mean");
+      running_var = doubles(*rv, c, "running_var");
+    }
+  }
+  int64_t groups() const { return training ? n / group : 1; }
+};
+
+// The statistics every term derives from the IN statistics, (N, C) mixtures included.
+struct Statistics {
+  std::vector<double> mean_ln, var_ln;  // (N)
+  std::vector<double> mean_bn, var_bn;  // (G, C): each group's in training, the running buffers in eval
+  std::vector<double> mu, sigma2;       // (N, C)
+
+  double mean_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* mean_in) const {
+    if (slot == kIn) return mean_in[n * m.c + c];
+    if (slot == kLn) return mean_ln[n];
+    return mean_bn[bn_row(m, n) * m.c + c];
+  }
+  double var_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* var_in) const {
+    if (slot == kIn) return var_in[n * m.c + c];
+    if (slot == kLn) return var_ln[n];
+    return var_bn[bn_row(m, n) * m.c + c];
+  }
+  static int64_t bn_row(const Mixing& m, int64_t n) { return m.training ? n / m.group : 0; }
+};
+
+// Pooled statistics in the cancellation-free form mean(var) + mean((mean - pooled mean)^2).
+inline Statistics statistics(const Mixing& m, const double* mean_in, const double* var_in) {
+  const int64_t n = m.n, c = m.c;
+  Statistics s;
+  if (m.has_ln) {
+    s.mean_ln.assign(n, 0);
+    s.var_ln.assign(n, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const double* mi = mean_in + i * c;
+      const double* vi = var_in + i * c;
+      double sum = 0, spread = 0;
+      for (int64_t j = 0; j < c; ++j) sum += mi[j];
+      const double mean = sum / double(c);
+      for (int64_t j = 0; j < c; ++j) spread += vi[j] + (mi[j] - mean) * (mi[j] - mean);
+      s.mean_ln[i] = mean;
+      s.var_ln[i] = spread / double(c);
+    }
+  }
+  if (m.has_bn && m.training) {
+    const int64_t groups = m.groups(), k = m.group;
+    s.mean_bn.assign(groups * c, 0);
+    s.var_bn.assign(groups * c, 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      double* mb = s.mean_bn.data() + g * c;
+      double* vb = s.var_bn.data() + g * c;
+      for (int64_t i = g * k; i < (g + 1) * k; ++i)
+        for (int64_t j = 0; j < c; ++j) mb[j] += mean_in[i * c + j];
+      for (int64_t j = 0; j < c; ++j) mb[j] /= double(k);
+      for (int64_t i = g * k; i < (g + 1) * k; ++i)
+        for (int64_t j = 0; j < c; ++j) {
+          const double d = mean_in[i * c + j] - mb[j];
+          vb[j] += var_in[i * c + j] + d * d;
+        }
+      for (int64_t j = 0; j < c; ++j) vb[j] /= double(k);
+    }
+  } else if (m.has_bn) {
+    s.mean_bn = m.running_mean;
+    s.var_bn = m.running_var;
+  }
+  s.mu.assign(n * c, 0);
+  s.sigma2.assign(n * c, 0);
+  for (size_t t = 0; t < m.slots.size(); ++t) {
+    const int64_t slot = m.slots[t];
+    const double pm = m.pm[t], pv = m.pv[t];
+    for (int64_t i = 0; i < n; ++i) {
+      double* __restrict mu = s.mu.data() + i * c;
+      double* __restrict sigma2 = s.sigma2.data() + i * c;
+      if (slot == kLn) {
+        const double mean = pm * s.mean_ln[i], var = pv * s.var_ln[i];
+        for (int64_t j = 0; j < c; ++j) {
+          mu[j] += mean;
+          sigma2[j] += var;
+        }
+        continue;
+      }
+      const double* __restrict mean = slot == kIn ? mean_in + i * c : s.mean_bn.data() + Statistics::bn_row(m, i) * c;
+      const double* __restrict var = slot == kIn ? var_in + i * c : s.var_bn.data() + Statistics::bn_row(m, i) * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        mu[j] += pm * mean[j];
+        sigma2[j] += pv * var[j];
+      }
+    }
+  }
+  return s;
+}
+
+// The buffers' update from the groups' statistics (G, C): the mean over groups of the update each group would give
+// (a moving average whose momentum weighs the old value, or in batch-average mode the sums of mean and E[x^2]).
+inline void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mixing& m, double momentum,
+                    bool moving_average) {
+  at::NoGradGuard no_grad;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t groups = m.groups();
+  const Tensor mean_g = at::from_blob(const_cast<double*>(s.mean_bn.data()), {groups, m.c}, f64).to(rm.scalar_type());
+  const Tensor var_g = at::from_blob(const_cast<double*>(s.var_bn.data()), {groups, m.c}, f64).to(rv.scalar_type());
+  if (moving_average) {
+    rm.mul_(momentum).add_(mean_g.mean(0).mul_(1 - momentum).reshape(rm.sizes()));
+    rv.mul_(momentum).add_(var_g.mean(0).mul_(1 - momentum).reshape(rv.sizes()));
+  } else {
+    rm.add_(mean_g.mean(0).reshape(rm.sizes()));
+    rv.add_((mean_g.pow(2) + var_g).mean(0).reshape(rv.sizes()));
+  }
+}
+
+// y = (x - centre) * a + (bias - (mu - centre) * a), a = weight / sqrt(sigma2 + eps), for samples [n0, n1).
+template <typename A>
+void scale_and_shift(const Mixing& m, const Statistics& s, const std::vector<double>& bias, int64_t n0, int64_t n1,
+                     double eps, const A* centre, A* scale, A* shift) {
+  const double* __restrict weight = m.weight.data();
+  const double* __restrict b = bias.data();
+  for (int64_t i = n0; i < n1; ++i) {
+    const int64_t r0 = i * m.c;
+#pragma omp simd
+    for (int64_t j = 0; j < m.c; ++j) {
+      const double a = weight[j] / std::sqrt(s.sigma2[r0 + j] + eps);
+      scale[r0 + j] = A(a);
+      shift[r0 + j] = A(b[j] - (s.mu[r0 + j] - double(centre[r0 + j])) * a);
+    }
+  }
+}
+
+}  // namespace snzoo_cpu
