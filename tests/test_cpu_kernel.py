@@ -481,3 +481,28 @@ def test_a_missing_kernel_source_is_one_clear_error(monkeypatch, tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the SN CPU kernel's source") and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def test_the_layer_operator_compiles_as_one_node_with_its_backward_and_buffer_update():
+    """torch.compile (fullgraph, inductor) traces the whole-layer operator through its fake implementations: the
+    compiled loss, every gradient and the running buffers' in-place update equal eager's."""
+
+    def loss_of(x, w, b, mw, vw, rm, rv):
+        y = cpu_kernels.switch_norm(x, w, b, torch.softmax(mw, 0), torch.softmax(vw, 0), [0, 1, 2], 2, rm, rv, True,
+                                    0.9, True, 1e-5)
+        return (y * y.detach().sin()).sum()
+
+    g = torch.Generator().manual_seed(50)
+    inputs = [torch.randn(4, 3, 5, 5, generator=g), torch.rand(1, 3, 1, 1, generator=g) + 0.5,
+              torch.randn(1, 3, 1, 1, generator=g), torch.randn(3, generator=g), torch.randn(3, generator=g)]
+    results = []
+    for fn in (loss_of, torch.compile(loss_of, fullgraph=True, backend="inductor")):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        buffers = [torch.zeros(1, 3, 1), torch.ones(1, 3, 1)]
+        loss = fn(*leaves, *buffers)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves), *buffers])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(results[1][-2], torch.zeros(1, 3, 1))  # the buffer update happened in the compiled run
