@@ -36,6 +36,17 @@ def photo_folder(root: Path, images: int, classes: int = 8) -> Path:
     return root
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's description elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> str:
     """Torch version, threads and hardware, for the report header."""
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "

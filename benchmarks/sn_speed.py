@@ -42,7 +42,7 @@ import snzoo
 from snzoo.nn import functional as sn_functional
 
 import sn_grid
-from common import timed_train_step
+from common import cpu_model, timed_train_step
 from straightforward_sn import swap_in_straightforward
 
 AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -223,17 +223,6 @@ def measure_memory(variant: Variant, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's description elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def available_cores() -> int:
     """CPU cores this process may run on."""
     try:

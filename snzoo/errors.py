@@ -28,3 +28,7 @@ class WeightsNotAvailableError(SnzooError, FileNotFoundError):
 
 class KernelBuildError(SnzooError, RuntimeError):
     """snzoo's SN CPU kernel cannot be built or loaded here (SN layers still run, on PyTorch ops)."""
+
+
+class TrainingError(SnzooError, RuntimeError):
+    """A run that cannot go on (non-finite loss, impossible batch plan, nothing to resume)."""

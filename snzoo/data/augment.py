@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from snzoo.data._seed_sequence import sample_seeds
 from snzoo.data.datasets import DataError, Skipped, Transform
 from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from snzoo.data.transforms import _check_size
@@ -236,9 +237,9 @@ def _check_count(what: str, value: Any) -> int:
 class SeededAugmentation(Dataset):
     """Items ``(transform(image), label, index)`` whose randomness depends only on ``(seed, epoch, index)``.
 
-    Each sample is transformed inside ``torch.random.fork_rng`` with torch's and Python's ``random`` RNGs seeded
-    from ``(seed, epoch, index)``, so the augmentation is identical for any number of DataLoader workers and
-    after resuming mid-epoch, and the global RNG states are left as they were. ``index`` is the position in
+    Each sample is transformed with torch's and Python's ``random`` RNGs seeded from ``(seed, epoch, index)``,
+    so the augmentation is identical for any number of DataLoader workers and after resuming mid-epoch, and
+    the global RNG states are left as they were. ``index`` is the position in
     this wrapper. The wrapped dataset must yield ``(PIL image, label[, index])``: FashionMNIST, or snzoo's
     folder and list-file datasets created with ``transform=None``; their ``Skipped`` records pass through.
 
@@ -254,6 +255,8 @@ class SeededAugmentation(Dataset):
         self.seed = _check_count("seed", seed)
         self.epoch = 0
         self.set_transform(transform)
+        self._seeds_of: tuple[int, int, int] | None = None  # the (seed, epoch, length) of self._seeds
+        self._seeds: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Use the random streams of ``epoch`` for the following items."""
@@ -284,13 +287,32 @@ class SeededAugmentation(Dataset):
         if not isinstance(image, Image.Image):
             raise DataError(f"{type(self.dataset).__name__} item {index} holds a {type(image).__name__}, not a PIL "
                             "image; expected the dataset created with transform=None")
-        sample_seed = _sample_seed(self.seed, self.epoch, int(index))
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+        sample_seed = self._sample_seed(int(index))
+        # Only the generators the transforms draw from are seeded: torch.manual_seed would also queue a lazy
+        # CUDA seeding (with a stack trace) per sample where CUDA is not initialised, more than a small image's
+        # whole transform costs. Where CUDA runs in this process it is seeded as torch.manual_seed seeds it.
+        if get_worker_info() is not None:
+            # A worker's generators feed nothing but these transforms, each seeded first: nothing to restore.
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
-            try:
-                out = self.transform(image)
-            finally:
-                random.setstate(python_state)
+            return self.transform(image), label, int(index)
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(sample_seed)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(sample_seed)
+        random.seed(sample_seed)
+        try:
+            out = self.transform(image)
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
         return out, label, int(index)
+
+    def _sample_seed(self, index: int) -> int:
+        count = len(self)
+        if not 0 <= index < count:
+            return _sample_seed(self.seed, self.epoch, index)
+        if self._seeds_of != (self.seed, self.epoch, count):
+            # One vectorised SeedSequence pass per epoch: a SeedSequence per sample costs about 20 us.
+            self._seeds, self._seeds_of = sample_seeds(self.seed, self.epoch, count), (self.seed, self.epoch, count)
+        return int(self._seeds[index])

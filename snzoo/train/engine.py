@@ -20,17 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from snzoo.errors import SnzooError
+from snzoo.errors import TrainingError
 from snzoo.evaluate import default_workers, evaluate
 from snzoo.nn import (
     convert_sync_switchnorm,
-    drop_bn_branch,
     finalize_batch_average,
     set_ghost_batch_size,
     set_sparsestmax_radius,
     switchnorm_layers,
 )
 from snzoo.nn.batch_average import batch_average_layers
+from snzoo.train._loss_window import LossWindow
+from snzoo.train._model import build_model, input_format
 from snzoo.train.data import TrainData, build_train_data
 from snzoo.train.distributed import (
     DistInfo,
@@ -50,10 +51,6 @@ from snzoo.train.run_log import RunLogger
 from snzoo.train.sampler import GlobalBatchSampler
 from snzoo.train.schedule import learning_rate, sparsestmax_radius
 from snzoo.train.state import load_state, save_state, set_rng_states
-
-
-class TrainingError(SnzooError, RuntimeError):
-    """A run that cannot go on (non-finite loss, impossible batch plan, nothing to resume)."""
 
 
 @dataclass
@@ -136,58 +133,6 @@ def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats
     return BatchPlan(devices * per_device, process_batch, process_batch // accum_steps, accum_steps, ghost, text)
 
 
-def _build_model(cfg: TrainConfig, num_classes: int, log) -> nn.Module:
-    from snzoo.factory import create_model
-
-    kwargs = dict(cfg.model_overrides)
-    kwargs.setdefault("drop_rate", cfg.recipe.get("dropout", 0.0))
-    if cfg.init is None:
-        model = create_model(cfg.name, num_classes=num_classes, **kwargs)
-    elif Path(cfg.init).is_file():
-        model = create_model(cfg.name, checkpoint_path=cfg.init, num_classes=num_classes, **kwargs)
-    else:
-        model = create_model(cfg.init, pretrained=True, num_classes=num_classes, **kwargs)
-    if cfg.reset_importance:
-        with torch.no_grad():
-            for layer in switchnorm_layers(model):
-                layer.mean_weight.fill_(1.0)
-                layer.var_weight.fill_(1.0)
-                for flag in ("mean_fixed", "var_fixed"):
-                    if hasattr(layer, flag):
-                        getattr(layer, flag).zero_()
-    per_device = cfg.recipe["batch"]["per_device"]
-    drop = cfg.drop_bn if cfg.drop_bn is not None else per_device == 1
-    if drop:
-        changed = drop_bn_branch(model)
-        if changed:
-            log(f"per-device batch {per_device}: BN statistics equal IN statistics there, so the BN term of "
-                f"{changed} SN layers is dropped (using_bn=False), as the SN authors advise")
-    for prefix in cfg.freeze:
-        found = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
-        if not found:
-            raise TrainingError(f"--freeze {prefix}: no parameters under that name (e.g. conv1, sn1, layer1)")
-        for param in found:
-            param.requires_grad_(False)
-    return model
-
-
-def _input_format(cfg: TrainConfig) -> tuple[int, Optional[tuple]]:
-    """The model's input channels, and the normalisation of the entry it comes from (when there is one)."""
-    from snzoo import zoo
-    from snzoo.errors import UnknownModelError
-    from snzoo.weights.verify import skeleton
-
-    source = cfg.init if cfg.init and not Path(cfg.init).is_file() else cfg.name
-    try:
-        entry = zoo.get_entry(source) if "." in source else None
-    except UnknownModelError:
-        entry = None
-    arch = entry.architecture if entry else cfg.name.split(".")[0]
-    in_chans = cfg.model_overrides.get("in_chans") or skeleton(arch).conv1.in_channels
-    normalization = (tuple(entry.eval.mean), tuple(entry.eval.std)) if entry and len(entry.eval.mean) == in_chans else None
-    return in_chans, normalization
-
-
 def _progress(show: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -224,11 +169,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
-    in_chans, normalization = _input_format(cfg)
+    in_chans, normalization = input_format(cfg)
     data: TrainData = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
                                        in_chans=in_chans, normalization=normalization)
     num_classes = cfg.num_classes or data.num_classes
-    model = _build_model(cfg, num_classes, log)
+    model = build_model(cfg, num_classes, log)
     sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
     plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
     log(plan.description)
@@ -292,6 +237,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 if cfg.amp else contextlib.nullcontext())
     val_metrics: dict = {}
     stop = False
+    held = LossWindow(info)  # the losses of the steps since the last read
     epochs_done = start_epoch
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -325,11 +271,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 loss_sum += loss.detach() / len(micro)
                 if step_statistics:
                     step_statistics.micro_batch_done(last=i == len(micro) - 1)
-            if not all_finite(loss_sum, info):
-                last = load_state(run_dir)
-                kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written yet"
-                raise TrainingError(f"non-finite loss ({loss_sum.item()}) at epoch {epoch}, step {step_in_epoch} "
-                                    f"(lr {lr:.4g}); stopped, {kept}; lower the learning rate or check the data")
+            held.add(loss_sum, epoch, step_in_epoch, lr)
+            log_now = (step + 1) % cfg.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+            checkpoint_now = bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0 \
+                and step_in_epoch + 1 < steps_per_epoch
+            stop = bool(cfg.max_steps) and step + 1 >= cfg.max_steps
+            # Losses are read (and checked) where they are logged and before any checkpoint, so none is written
+            # after a non-finite loss; the sparsestmax forward cannot run on non-finite importance weights (and
+            # reads them on the host every step anyway), so SSN runs read every step.
+            if is_ssn or log_now or checkpoint_now or stop:
+                loss_value = _read_losses(held, run_dir)[-1]
             if clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(importance_parameters(optimizer), clip)
@@ -338,14 +289,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum.item():.4f}", lr=f"{lr:.4g}")
-            if step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
-                logger.log(step, "train", epoch=epoch, loss=loss_sum.item(), lr=lr,
+            if log_now:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}")
+                logger.log(step, "train", epoch=epoch, loss=loss_value, lr=lr,
                            images_per_s=step * plan.global_batch / (time.perf_counter() - started))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
+            if checkpoint_now:
                 checkpoint(epoch, step_in_epoch + 1)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
+            if stop:
                 break
         bar.close()
         if stop:
@@ -364,6 +314,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         log(_done_line(summary))
     logger.close()
     return summary
+
+
+def _read_losses(held: LossWindow, run_dir: Path) -> list[float]:
+    """The held losses as floats; a non-finite one stops the run, reported at its own step."""
+    read = held.read()
+    if read.first_non_finite is None:
+        return read.values
+    at, value = read.steps[read.first_non_finite], read.values[read.first_non_finite]
+    last = load_state(run_dir)
+    kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written yet"
+    raise TrainingError(f"non-finite loss ({value}) at epoch {at.epoch}, step {at.step_in_epoch} "
+                        f"(lr {at.lr:.4g}); stopped, {kept}; lower the learning rate or check the data")
 
 
 def _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step, logger, log) -> dict:
