@@ -182,7 +182,7 @@ def test_kernel_rejects_what_it_does_not_cover():
 # ----------------------------------------------------------------------------- the training passes
 # Shapes for the ops behind training: several chunks of 2048 values per row (L = 4160), more channels than one block
 # of rows holds on (N, L, C), one channel, two values, batch one, 1-d and 3-d inputs.
-OP_SHAPES = [(2, 3, 64, 65), (3, 5, 7, 9), (2, 300, 3, 5), (4, 1, 6, 6), (2, 4, 1, 2), (1, 8, 5, 5), (3, 6, 9),
+OP_SHAPES = [(2, 3, 64, 65), (2, 2, 17, 19), (3, 5, 7, 9), (2, 300, 3, 5), (4, 1, 6, 6), (2, 4, 1, 2), (1, 8, 5, 5), (3, 6, 9),
              (2, 3, 4, 5, 6)]
 
 

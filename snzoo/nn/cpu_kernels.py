@@ -32,7 +32,7 @@ from torch import Tensor
 from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
-HEADERS = ("sn_mixing.h", "sn_passes.h")  # next to SOURCE; part of the build's name
+HEADERS = ("sn_grad_passes.h", "sn_mixing.h", "sn_passes.h")  # next to SOURCE; part of the build's name
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
@@ -286,14 +286,24 @@ def switch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var
 def fits(x: Tensor) -> bool:
     """True when the kernel's full-size passes take x as it is: CPU, a floating dtype it reads natively, dense as
     (N, C, L) or channels-innermost (N, L, C), at least 2 values per (sample, channel)."""
-    if x.device.type != "cpu" or x.dim() < 3 or x.dtype not in _DTYPES or x.numel() == 0:
+    # Runs once per SN layer call: the cheapest tests first, and no movedim view for the usual layouts.
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
-    if x.numel() // (x.shape[0] * x.shape[1]) < 2:
+    dims = x.dim()
+    if dims < 3:
         return False
-    return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+    rows = x.shape[0] * x.shape[1]
+    if rows == 0 or x.numel() < 2 * rows:
+        return False
+    if x.is_contiguous():
+        return True
+    if dims in _CHANNELS_LAST:
+        return x.is_contiguous(memory_format=_CHANNELS_LAST[dims])
+    return x.movedim(1, -1).is_contiguous()
 
 
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

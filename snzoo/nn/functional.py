@@ -25,11 +25,12 @@ from snzoo.nn._reference import (
     switch_norm_reference, update_running_stats,
 )
 from snzoo.nn.fused import switch_norm_fused
+from snzoo.nn.fused import takes_whole_layer as fused_takes_whole_layer
 
 __all__ = [
     "IMPLEMENTATIONS", "TERMS_SN", "TERMS_SN1D", "TERMS_SN_NO_BN", "batch_stats", "get_implementation",
     "implementation_from_environment", "instance_stats", "layer_stats", "set_implementation", "switch_norm",
-    "switch_norm_flat", "switch_norm_reference", "update_running_stats", "use_implementation",
+    "switch_norm_flat", "switch_norm_reference", "takes_whole_layer", "update_running_stats", "use_implementation",
 ]
 
 
@@ -94,6 +95,13 @@ def switch_norm(
         momentum=momentum, eps=eps, using_moving_average=using_moving_average, ghost_batch_size=ghost_batch_size,
         process_group=process_group,
     )
+
+
+def takes_whole_layer(x: Tensor) -> bool:
+    """True when `switch_norm` on x, without synchronised statistics, is one operator call of the CPU kernel
+    (`snzoo.nn.cpu_kernels.switch_norm`): the fused implementation is chosen and the kernel takes x
+    (`snzoo.nn.fused.takes_whole_layer`). Layers call that operator directly then."""
+    return _implementation == "fused" and fused_takes_whole_layer(x)
 
 
 def implementation_from_environment() -> str:

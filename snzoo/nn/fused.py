@@ -297,10 +297,31 @@ def _exporting() -> bool:
     """True while tracing or exporting: then the plain-op formulation runs instead of the autograd.Function."""
     if torch.jit.is_tracing():
         return True
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
+
+
+def _onnx_export_flags():
+    """torch.onnx.is_in_onnx_export without its two imports per call (a microsecond, on every SN layer call): the
+    flags it reads, found once; the public function where they are not where this torch keeps them."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export = _onnx_export_flags()
+
+
+def takes_whole_layer(x: Tensor) -> bool:
+    """True when an SN layer on x runs as one operator of the CPU kernel (`cpu_kernels.switch_norm`): CPU eager mode,
+    an input the kernel `fits`, the kernel built and switched on. Synchronised statistics never do (checked by the
+    caller)."""
+    return cpu_kernels.fits(x) and cpu_kernels.active() and not torch.compiler.is_compiling() and not _exporting()
 
 
 def switch_norm_fused(
@@ -337,8 +358,7 @@ def switch_norm_fused(
     pg = resolve_process_group(process_group) if (training and use_bn) else None
     check_sync_or_ghost(pg, ghost_batch_size)
     k = ghost_group_size(x.shape[0], ghost_batch_size) if (training and use_bn) else x.shape[0]
-    allow_fast = _fast_allowed(x)
-    if allow_fast and pg is None and cpu_kernels.fits(x) and cpu_kernels.active():
+    if pg is None and takes_whole_layer(x):
         # one operator per layer and direction: statistics, mixing, output and the running update
         return cpu_kernels.switch_norm(
             x, weight, bias, mean_probs, var_probs, cpu_kernels.term_slots(terms), k,
@@ -352,7 +372,7 @@ def switch_norm_fused(
         or var_probs.requires_grad
     )
     exporting = _exporting()
-    plan = _Plan(terms, training, eps, k, pg, allow_fast)
+    plan = _Plan(terms, training, eps, k, pg, _fast_allowed(x))
     if needs_grad and not exporting:
         y, mean_g, var_g = _SwitchNormFunction.apply(x, weight, bias, mean_probs, var_probs, rm, rv, plan)
         group = None if mean_g is None else (mean_g, var_g)

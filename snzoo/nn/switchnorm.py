@@ -8,8 +8,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from snzoo.nn import cpu_kernels
 from snzoo.nn import functional as F_sn
-from snzoo.nn._checks import check_sync_or_ghost, resolve_process_group
+from snzoo.nn._checks import check_sync_or_ghost, ghost_group_size, resolve_process_group
+
+
+def reusable_outside_autograd(*parameters: Tensor) -> bool:
+    """True when values computed from `parameters` may be reused from an earlier call: no gradient must reach the
+    parameters, and no tracer or compiler is recording the computation (a reused value would enter its graph as a
+    constant)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 class _SwitchNorm(nn.Module):
@@ -75,7 +85,18 @@ class _SwitchNorm(nn.Module):
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """The mixing weights of the mean and variance statistics, ordered as `terms`."""
-        return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+        raw_mean, raw_var = self.mean_weight, self.var_weight
+        if not reusable_outside_autograd(raw_mean, raw_var):
+            return torch.softmax(raw_mean, 0), torch.softmax(raw_var, 0)
+        # Without a gradient to carry the weights change only when the raw parameters do (an optimizer step or a
+        # load bumps their version): two softmax calls cost as much as a small layer's normalisation, so the last
+        # result is reused.
+        key = (raw_mean.data_ptr(), raw_mean._version, raw_mean.dtype, raw_var.data_ptr(), raw_var._version)
+        cached = self.__dict__.get("_probs_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_probs_cache"] = (key, (torch.softmax(raw_mean, 0), torch.softmax(raw_var, 0)))
+        return cached[1]
 
     def _sync_group(self) -> Optional[object]:
         if self.process_group is None or not self.training:
@@ -98,6 +119,11 @@ class _SwitchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         mean_probs, var_probs = self.importance_weights()
+        group = self._sync_group()
+        if group is None and F_sn.takes_whole_layer(x):
+            # What F_sn.switch_norm would run, without its dispatch: on small maps the Python around the one
+            # operator call costs as much as the call itself.
+            return self._whole_layer(x, mean_probs, var_probs)
         return F_sn.switch_norm(
             x,
             self.weight,
@@ -112,7 +138,20 @@ class _SwitchNorm(nn.Module):
             eps=self.eps,
             using_moving_average=self.using_moving_average,
             ghost_batch_size=self.ghost_batch_size,
-            process_group=self._sync_group(),
+            process_group=group,
+        )
+
+    def _whole_layer(self, x: Tensor, mean_probs: Tensor, var_probs: Tensor) -> Tensor:
+        """The layer as one operator of the CPU kernel (the running buffers are read as C values, any shape)."""
+        n = x.shape[0]
+        if self.using_bn:
+            bn_group = ghost_group_size(n, self.ghost_batch_size) if self.training else n
+            running_mean, running_var = self.running_mean, self.running_var
+        else:
+            bn_group, running_mean, running_var = n, None, None
+        return cpu_kernels.switch_norm(
+            x, self.weight, self.bias, mean_probs, var_probs, cpu_kernels.term_slots(self.terms), bn_group,
+            running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
         )
 
     def extra_repr(self) -> str:

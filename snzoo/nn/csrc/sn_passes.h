@@ -10,7 +10,7 @@
 //   and give the squared deviations without cancellation, so that a large mean costs no precision), and the parts
 //   combine exactly in float64; centre = the mean rounded to the compute dtype.
 // - affine_pass: out = (x - m) * b + c (+ g * a), per (n, c).
-// - grad_sums: sum_L g and sum_L g * (x - m) per (n, c), float64, one read of g and x.
+// - grad_sums (sn_grad_passes.h): sum_L g and sum_L g * (x - m) per (n, c), float64, one read of g and x.
 
 #pragma once
 
@@ -190,8 +190,13 @@ struct Moments {
 // squared deviations without cancellation: mean = m + sum d / k, m2 = sum d^2 - (sum d)^2 / k.
 // m is only the centre of the second pass (the residue corrects it), so it may be rounded any way: it is taken with a
 // multiplication by 1 / count, which the caller computes once for rows of equal length.
+// Sums over a part run in kLanes independent lanes (several vector registers), added up in a fixed order at the
+// end: one running sum would wait on the latency of every vector add, and would run at a fraction of the core's
+// throughput. The order depends on the part alone, so results stay independent of the thread count.
+constexpr int64_t kLanes = 64;
+
 template <typename T>
-Moments chunk_moments(const T* x, int64_t count, double inv_count) {
+Moments short_moments(const T* __restrict x, int64_t count, double inv_count) {
   using A = typename Compute<T>::type;
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -203,6 +208,43 @@ Moments chunk_moments(const T* x, int64_t count, double inv_count) {
     const A d = load(x[i]) - m;
     squares += d * d;
     residue += d;
+  }
+  const double res = residue;
+  return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
+}
+
+template <typename T>
+Moments chunk_moments(const T* __restrict x, int64_t count, double inv_count) {
+  using A = typename Compute<T>::type;
+  if (count < 4 * kLanes) return short_moments(x, count, inv_count);  // too short for the lanes to pay off
+  const int64_t whole = count / kLanes * kLanes;
+  A lanes[kLanes] = {};
+  for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += load(x[i + j]);
+  }
+  A sum = 0;
+  for (int64_t i = whole; i < count; ++i) sum += load(x[i]);
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  const A m = sum * A(inv_count);
+  A square_lanes[kLanes] = {}, residue_lanes[kLanes] = {};
+  for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const A d = load(x[i + j]) - m;
+      square_lanes[j] += d * d;
+      residue_lanes[j] += d;
+    }
+  }
+  A squares = 0, residue = 0;
+  for (int64_t i = whole; i < count; ++i) {
+    const A d = load(x[i]) - m;
+    squares += d * d;
+    residue += d;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    squares += square_lanes[j];
+    residue += residue_lanes[j];
   }
   const double res = residue;
   return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
@@ -291,85 +333,6 @@ template <typename T>
 void apply(const T* x, T* y, const View& v, const typename Compute<T>::type* centre,
            const typename Compute<T>::type* scale, const typename Compute<T>::type* shift) {
   affine_pass<T, false>(x, nullptr, y, v, centre, nullptr, scale, shift);
-}
-
-
-// ------------------------------------------------------------------------------------------------ backward
-// Per (n, c): sum g and sum g * (x - m), in float64 out of compute-dtype partial sums of about kChunk values.
-template <typename T>
-void grad_sums(const T* __restrict g, const T* __restrict x, const View& v, const typename Compute<T>::type* m,
-               double* sum_g, double* sum_gd) {
-  using A = typename Compute<T>::type;
-  if (!v.nlc) {
-    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A mr = m[r];
-        double total_g = 0, total_gd = 0;
-        for (int64_t start = 0; start < v.l; start += kChunk) {
-          const T* __restrict gr = g + r * v.l + start;
-          const T* __restrict xr = x + r * v.l + start;
-          const int64_t count = std::min(kChunk, v.l - start);
-          A part_g = 0, part_gd = 0;
-#pragma omp simd reduction(+ : part_g, part_gd)
-          for (int64_t l = 0; l < count; ++l) {
-            const A gl = load(gr[l]);
-            part_g += gl;
-            part_gd += gl * (load(xr[l]) - mr);
-          }
-          total_g += part_g;
-          total_gd += part_gd;
-        }
-        sum_g[r] = total_g;
-        sum_gd[r] = total_gd;
-      }
-    });
-    return;
-  }
-  const NlcTasks tasks(v);
-  std::vector<double> partial_g(v.n * tasks.segments * v.c), partial_gd(v.n * tasks.segments * v.c);
-  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    A part_g[kChannelBlock], part_gd[kChannelBlock];
-    double total_g[kChannelBlock], total_gd[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t n, c0, width, segment, l0, l1;
-      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-      const A* __restrict mn = m + n * v.c + c0;
-      for (int64_t c = 0; c < width; ++c) total_g[c] = total_gd[c] = 0;
-      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        for (int64_t c = 0; c < width; ++c) part_g[c] = part_gd[c] = A(0);
-        for (int64_t l = g0; l < g1; ++l) {
-          const T* __restrict gr = g + (n * v.l + l) * v.c + c0;
-          const T* __restrict xr = x + (n * v.l + l) * v.c + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            const A gl = load(gr[c]);
-            part_g[c] += gl;
-            part_gd[c] += gl * (load(xr[c]) - mn[c]);
-          }
-        }
-        for (int64_t c = 0; c < width; ++c) {
-          total_g[c] += part_g[c];
-          total_gd[c] += part_gd[c];
-        }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        partial_g[(n * tasks.segments + segment) * v.c + c0 + c] = total_g[c];
-        partial_gd[(n * tasks.segments + segment) * v.c + c0 + c] = total_gd[c];
-      }
-    }
-  });
-  for (int64_t n = 0; n < v.n; ++n) {
-    for (int64_t c = 0; c < v.c; ++c) {
-      double total1 = 0, total2 = 0;
-      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
-        total1 += partial_g[(n * tasks.segments + segment) * v.c + c];
-        total2 += partial_gd[(n * tasks.segments + segment) * v.c + c];
-      }
-      sum_g[n * v.c + c] = total1;
-      sum_gd[n * v.c + c] = total2;
-    }
-  }
 }
 
 

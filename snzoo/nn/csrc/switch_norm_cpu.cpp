@@ -21,6 +21,7 @@
 
 #include "sn_mixing.h"
 #include "sn_passes.h"
+#include "sn_grad_passes.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
