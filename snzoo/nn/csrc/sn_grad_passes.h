@@ -40,10 +40,8 @@ void part_grad_sums(const T* __restrict g, const T* __restrict x, int64_t count,
     part_g += gl;
     part_gd += gl * (load(x[l]) - m);
   }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    part_g += lanes_g[j];
-    part_gd += lanes_gd[j];
-  }
+  part_g += fold_lanes(lanes_g);
+  part_gd += fold_lanes(lanes_gd);
   sum_g = part_g, sum_gd = part_gd;
 }
 

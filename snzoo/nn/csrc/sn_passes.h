@@ -195,6 +195,16 @@ struct Moments {
 // throughput. The order depends on the part alone, so results stay independent of the thread count.
 constexpr int64_t kLanes = 64;
 
+// The sum of the lanes, halved in a fixed tree (vector adds; a running scalar sum would be a chain of 64 adds).
+template <typename A>
+A fold_lanes(A* lanes) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
 template <typename T>
 Moments short_moments(const T* __restrict x, int64_t count, double inv_count) {
   using A = typename Compute<T>::type;
@@ -225,7 +235,7 @@ Moments chunk_moments(const T* __restrict x, int64_t count, double inv_count) {
   }
   A sum = 0;
   for (int64_t i = whole; i < count; ++i) sum += load(x[i]);
-  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  sum += fold_lanes(lanes);
   const A m = sum * A(inv_count);
   A square_lanes[kLanes] = {}, residue_lanes[kLanes] = {};
   for (int64_t i = 0; i < whole; i += kLanes) {
@@ -242,10 +252,8 @@ Moments chunk_moments(const T* __restrict x, int64_t count, double inv_count) {
     squares += d * d;
     residue += d;
   }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    squares += square_lanes[j];
-    residue += residue_lanes[j];
-  }
+  squares += fold_lanes(square_lanes);
+  residue += fold_lanes(residue_lanes);
   const double res = residue;
   return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
 }
