@@ -154,19 +154,35 @@ inline Statistics statistics(const Mixing& m, const double* mean_in, const doubl
 
 // The buffers' update from the groups' statistics (G, C): the mean over groups of the update each group would give
 // (a moving average whose momentum weighs the old value, or in batch-average mode the sums of mean and E[x^2]).
+// Written in place element by element (the update of a small layer as tensor operations is a dozen dispatched calls,
+// more than its statistics cost), with the buffers' version bumped as an in-place operation bumps it.
 inline void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mixing& m, double momentum,
-                    bool moving_average) {
-  at::NoGradGuard no_grad;
-  const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  const int64_t groups = m.groups();
-  const Tensor mean_g = at::from_blob(const_cast<double*>(s.mean_bn.data()), {groups, m.c}, f64).to(rm.scalar_type());
-  const Tensor var_g = at::from_blob(const_cast<double*>(s.var_bn.data()), {groups, m.c}, f64).to(rv.scalar_type());
-  if (moving_average) {
-    rm.mul_(momentum).add_(mean_g.mean(0).mul_(1 - momentum).reshape(rm.sizes()));
-    rv.mul_(momentum).add_(var_g.mean(0).mul_(1 - momentum).reshape(rv.sizes()));
-  } else {
-    rm.add_(mean_g.mean(0).reshape(rm.sizes()));
-    rv.add_((mean_g.pow(2) + var_g).mean(0).reshape(rv.sizes()));
+                           bool moving_average) {
+  const int64_t groups = m.groups(), c = m.c;
+  std::vector<double> mean(c, 0.0), second(c, 0.0);  // the groups' mean of mean_bn, and of var_bn or E[x^2]
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = 0; j < c; ++j) {
+      const double mb = s.mean_bn[g * c + j], vb = s.var_bn[g * c + j];
+      mean[j] += mb;
+      second[j] += moving_average ? vb : mb * mb + vb;
+    }
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    mean[j] /= double(groups);
+    second[j] /= double(groups);
+  }
+  for (Tensor* buffer : {&rm, &rv}) {
+    TORCH_CHECK(buffer->numel() == c && buffer->is_contiguous() && buffer->is_floating_point(),
+                "switch_norm: the running buffers must be contiguous floating tensors of ", c, " values");
+    const std::vector<double>& update = buffer == &rm ? mean : second;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer->scalar_type(), "update_running", [&] {
+      scalar_t* p = buffer->data_ptr<scalar_t>();
+      for (int64_t j = 0; j < c; ++j) {
+        const double old = double(load(p[j]));
+        p[j] = from_double<scalar_t>(moving_average ? old * momentum + (1 - momentum) * update[j] : old + update[j]);
+      }
+    });
+    buffer->unsafeGetTensorImpl()->bump_version();
   }
 }
 

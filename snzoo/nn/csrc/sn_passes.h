@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace snzoo_cpu {
@@ -64,6 +65,16 @@ inline c10::BFloat16 store<c10::BFloat16>(float v) {
   c10::BFloat16 out;
   out.x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
   return out;
+}
+
+// A float64 result in a tensor's dtype, rounded as a dtype conversion of torch rounds it (half types via float32).
+template <typename T>
+inline T from_double(double v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return T(float(v));
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ layout

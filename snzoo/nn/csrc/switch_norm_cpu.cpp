@@ -258,10 +258,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> switch_norm_backward(
   });
   auto as_like = [](const std::vector<double>& values, const Tensor& like, bool wanted) {
     if (!wanted) return Tensor();
-    const auto f64 = at::TensorOptions().dtype(at::kDouble);
-    return at::from_blob(const_cast<double*>(values.data()), {int64_t(values.size())}, f64)
-        .to(like.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
-        .reshape(like.sizes());
+    Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "switch_norm_backward", [&] {
+      scalar_t* p = out.data_ptr<scalar_t>();
+      for (size_t i = 0; i < values.size(); ++i) p[i] = from_double<scalar_t>(values[i]);
+    });
+    return out;
   };
   return {dx, as_like(dweight, weight, output_mask[1]), as_like(dbias, bias, output_mask[2]),
           as_like(dpm, mean_probs, output_mask[3]), as_like(dpv, var_probs, output_mask[3])};
