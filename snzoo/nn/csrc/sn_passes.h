@@ -83,6 +83,23 @@ struct View {
   bool nlc;  // channels innermost: element (n, c, l) at (n * L + l) * C + c; else at (n * C + c) * L + l
 };
 
+// True when x.movedim(1, -1) is contiguous (sizes of 1 have any stride), read from the strides: a movedim view is a
+// dispatched call, a few microseconds on every layer call.
+inline bool channels_innermost(const at::Tensor& x) {
+  int64_t expected = 1;
+  auto dense = [&](int64_t d) {
+    if (x.size(d) == 1) return true;
+    if (x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!dense(d)) return false;
+  }
+  return dense(0);
+}
+
 inline View view_of(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() >= 3, op, ": x must have at least 3 dimensions (N, C, *)");
   const int64_t n = x.size(0), c = x.size(1);
@@ -90,7 +107,7 @@ inline View view_of(const at::Tensor& x, const char* op) {
   const int64_t l = x.numel() / (n * c);
   TORCH_CHECK(l >= 2, op, ": needs at least 2 values per (sample, channel)");
   if (x.is_contiguous()) return {n, c, l, false};
-  TORCH_CHECK(x.movedim(1, -1).is_contiguous(), op, ": x must be contiguous or channels_last");
+  TORCH_CHECK(channels_innermost(x), op, ": x must be contiguous or channels_last");
   return {n, c, l, true};
 }
 
@@ -300,6 +317,8 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
   std::vector<Moments> partial(v.n * tasks.segments * v.c);
   at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
     A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
+    A sum2[kChannelBlock], squares2[kChannelBlock], residue2[kChannelBlock];
+    const T zeros[kChannelBlock] = {};  // the partner of an odd group's last row
     Moments acc[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
       int64_t n, c0, width, segment, l0, l1;
@@ -309,22 +328,46 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
         const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
         const double k = double(g1 - g0), inv_k = 1.0 / k;
         const A inv_count = A(inv_k);
-        for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = A(0);
-        for (int64_t l = g0; l < g1; ++l) {
+        // Rows go in pairs, each row of a pair into its own sums (added at the end), so that two chains of vector
+        // adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
+        for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
+        const int64_t paired = g0 + (g1 - g0) / 2 * 2;
+        for (int64_t l = g0; l < g1; l += 2) {
           const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+          const T* __restrict next = l + 1 < g1 ? row + v.c : zeros;
 #pragma omp simd
-          for (int64_t c = 0; c < width; ++c) sum[c] += load(row[c]);
+          for (int64_t c = 0; c < width; ++c) {
+            sum[c] += load(row[c]);
+            sum2[c] += load(next[c]);
+          }
         }
 #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) sum[c] *= inv_count;  // the centre of the second pass only
-        for (int64_t l = g0; l < g1; ++l) {
+        for (int64_t c = 0; c < width; ++c) sum[c] = (sum[c] + sum2[c]) * inv_count;  // the second pass's centre
+        for (int64_t l = g0; l < paired; l += 2) {
           const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+          const T* __restrict next = row + v.c;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) {
+            const A d = load(row[c]) - sum[c], e = load(next[c]) - sum[c];
+            squares[c] += d * d;
+            residue[c] += d;
+            squares2[c] += e * e;
+            residue2[c] += e;
+          }
+        }
+        if (paired < g1) {
+          const T* __restrict row = x + (n * v.l + paired) * v.c + c0;
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) {
             const A d = load(row[c]) - sum[c];
             squares[c] += d * d;
             residue[c] += d;
           }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) {
+          squares[c] += squares2[c];
+          residue[c] += residue2[c];
         }
         for (int64_t c = 0; c < width; ++c) {
           const double res = residue[c];
