@@ -109,3 +109,22 @@ def test_the_reference_implementation_still_runs_when_chosen(monkeypatch):
     with use_implementation("reference"), torch.no_grad():
         layer(spread_input((2, 4, 3, 3), torch.float32, seed=6))
     assert calls == []
+
+
+def test_a_parametrized_weight_is_the_one_the_layer_uses():
+    """Parameters are looked up directly on the layer's call, but a parametrization (computed, not stored) still
+    takes effect."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layer = randomise(SwitchNorm2d(4), seed=7, buffers=True).eval()
+    x = spread_input((2, 4, 3, 3), torch.float32, seed=8)
+    with torch.no_grad():
+        plain = layer(x)
+        parametrize.register_parametrization(layer, "weight", Doubled())
+        doubled = layer(x)
+    bias = layer.bias.detach().reshape(1, 4, 1, 1)
+    torch.testing.assert_close(doubled - bias, 2 * (plain - bias), rtol=1e-5, atol=1e-5)

@@ -85,7 +85,7 @@ class _SwitchNorm(nn.Module):
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """The mixing weights of the mean and variance statistics, ordered as `terms`."""
-        raw_mean, raw_var = self.mean_weight, self.var_weight
+        raw_mean, raw_var = self._tensor("mean_weight"), self._tensor("var_weight")
         if not reusable_outside_autograd(raw_mean, raw_var):
             return torch.softmax(raw_mean, 0), torch.softmax(raw_var, 0)
         # Without a gradient to carry the weights change only when the raw parameters do (an optimizer step or a
@@ -97,6 +97,14 @@ class _SwitchNorm(nn.Module):
             with torch.no_grad():
                 cached = self.__dict__["_probs_cache"] = (key, (torch.softmax(raw_mean, 0), torch.softmax(raw_var, 0)))
         return cached[1]
+
+    def _tensor(self, name: str) -> Tensor:
+        """A parameter or buffer by a dict lookup (nn.Module's attribute fallback costs more, on every call); by
+        attribute where it is something else (a parametrization)."""
+        found = self._parameters.get(name)
+        if found is None:
+            found = self._buffers.get(name)
+        return found if found is not None else getattr(self, name)
 
     def _sync_group(self) -> Optional[object]:
         if self.process_group is None or not self.training:
@@ -146,11 +154,11 @@ class _SwitchNorm(nn.Module):
         n = x.shape[0]
         if self.using_bn:
             bn_group = ghost_group_size(n, self.ghost_batch_size) if self.training else n
-            running_mean, running_var = self.running_mean, self.running_var
+            running_mean, running_var = self._tensor("running_mean"), self._tensor("running_var")
         else:
             bn_group, running_mean, running_var = n, None, None
         return cpu_kernels.switch_norm(
-            x, self.weight, self.bias, mean_probs, var_probs, cpu_kernels.term_slots(self.terms), bn_group,
+            x, self._tensor("weight"), self._tensor("bias"), mean_probs, var_probs, cpu_kernels.term_slots(self.terms), bn_group,
             running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
         )
 

@@ -178,20 +178,23 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
     return;
   }
   at::parallel_for(0, v.n * v.l, std::max<int64_t>(1, kTaskValues / v.c), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t first = (row / v.l) * v.c;
+    // The rows of one sample share its coefficients: found once per sample, not per row (a row can be one vector).
+    for (int64_t row = begin; row < end;) {
+      const int64_t first = (row / v.l) * v.c, stop = std::min(end, (row / v.l + 1) * v.l);
       const A* __restrict mn = m + first;
       const A* __restrict an = kWithGrad ? a + first : nullptr;
       const A* __restrict bn = b + first;
       const A* __restrict cn = c + first;
-      const T* __restrict xr = x + row * v.c;
-      const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
-      T* __restrict yr = out + row * v.c;
+      for (; row < stop; ++row) {
+        const T* __restrict xr = x + row * v.c;
+        const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+        T* __restrict yr = out + row * v.c;
 #pragma omp simd
-      for (int64_t ch = 0; ch < v.c; ++ch) {
-        A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
-        if (kWithGrad) value += load(gr[ch]) * an[ch];
-        yr[ch] = store<T>(value);
+        for (int64_t ch = 0; ch < v.c; ++ch) {
+          A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
+          if (kWithGrad) value += load(gr[ch]) * an[ch];
+          yr[ch] = store<T>(value);
+        }
       }
     }
   });
