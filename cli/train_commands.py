@@ -25,6 +25,7 @@ def run_options(command):
         click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation micro-batches per step."),
         click.option("--sync-stats/--no-sync-stats", default=None, help="Synchronise SN statistics over processes (one process per recipe device); default: the recipe's `statistics`."),
         click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every N steps (always at epoch ends)."),
+        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True, help="Log the loss every N steps and at epoch ends (where the loss is read from the device)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
         click.option("--max-steps", type=int, help="Stop after N steps (a quick check)."),
         click.option("--subset", type=int, help="Train on the first N training images only."),
@@ -42,7 +43,7 @@ def _config(kw: dict) -> dict:
     return dict(
         device=kw["device"], workers=kw["workers"], seed=kw["seed"], amp=kw["amp"], channels_last=kw["channels_last"],
         compile=kw["compile_model"], accum_steps=kw["accum_steps"], sync_stats=kw["sync_stats"],
-        checkpoint_every=kw["checkpoint_every"], resume=kw["resume"], max_steps=kw["max_steps"], subset=kw["subset"],
+        checkpoint_every=kw["checkpoint_every"], log_every=kw["log_every"], resume=kw["resume"], max_steps=kw["max_steps"], subset=kw["subset"],
         val_subset=kw["val_subset"], deterministic=kw["deterministic"], entry_name=kw["entry_name"],
     )
 

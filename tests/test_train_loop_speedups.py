@@ -145,3 +145,21 @@ def test_dataloader_workers_train_the_weights_of_the_main_process(tmp_path):
     a, b = weights(tmp_path / "main"), weights(tmp_path / "workers")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "workers" / "summary.json").read_text())["steps"] == 6
+
+
+def test_log_every_sets_where_the_command_reads_and_logs_the_loss(tmp_path):
+    from click.testing import CliRunner
+
+    from snzoo_cli.main import cli
+    from test_train import recipe_file
+
+    recipe = recipe_file(tmp_path, epochs=1)
+    result = CliRunner().invoke(cli, ["train", "resnet20_bn", "--recipe", str(recipe), "-o", str(tmp_path / "run"),
+                                      "--data", "fashion-mnist", "--subset", "96", "--val-subset", "16", "-j", "0",
+                                      "--log-every", "4"])
+    assert result.exit_code == 0, result.output
+    assert sorted(_train_lines(tmp_path / "run")) == [4, 8, 12]  # 12: the epoch's last step
+    bad = CliRunner().invoke(cli, ["train", "resnet20_bn", "--recipe", str(recipe), "-o", str(tmp_path / "bad"),
+                                   "--data", "fashion-mnist", "--log-every", "0"])
+    assert bad.exit_code == 2 and "--log-every" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists()
