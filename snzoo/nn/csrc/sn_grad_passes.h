@@ -26,22 +26,24 @@ void part_grad_sums(const T* __restrict g, const T* __restrict x, int64_t count,
     return;
   }
   const int64_t whole = count / kLanes * kLanes;
-  A lanes_g[kLanes] = {}, lanes_gd[kLanes] = {};
-  for (int64_t i = 0; i < whole; i += kLanes) {
+  wide_vectors([&]() SNZOO_INLINE_BODY {
+    A lanes_g[kLanes] = {}, lanes_gd[kLanes] = {};
+    for (int64_t i = 0; i < whole; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const A gl = load(g[i + j]);
-      lanes_g[j] += gl;
-      lanes_gd[j] += gl * (load(x[i + j]) - m);
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const A gl = load(g[i + j]);
+        lanes_g[j] += gl;
+        lanes_gd[j] += gl * (load(x[i + j]) - m);
+      }
     }
-  }
-  for (int64_t l = whole; l < count; ++l) {
-    const A gl = load(g[l]);
-    part_g += gl;
-    part_gd += gl * (load(x[l]) - m);
-  }
-  part_g += fold_lanes(lanes_g);
-  part_gd += fold_lanes(lanes_gd);
+    for (int64_t l = whole; l < count; ++l) {
+      const A gl = load(g[l]);
+      part_g += gl;
+      part_gd += gl * (load(x[l]) - m);
+    }
+    part_g += fold_lanes(lanes_g);
+    part_gd += fold_lanes(lanes_gd);
+  });
   sum_g = part_g, sum_gd = part_gd;
 }
 
@@ -73,35 +75,42 @@ void grad_sums(const T* __restrict g, const T* __restrict x, const View& v, cons
   const NlcTasks tasks(v);
   std::vector<double> partial_g(v.n * tasks.segments * v.c), partial_gd(v.n * tasks.segments * v.c);
   at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    A part_g[kChannelBlock], part_gd[kChannelBlock];
-    double total_g[kChannelBlock], total_gd[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t n, c0, width, segment, l0, l1;
-      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-      const A* __restrict mn = m + n * v.c + c0;
-      for (int64_t c = 0; c < width; ++c) total_g[c] = total_gd[c] = 0;
-      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        for (int64_t c = 0; c < width; ++c) part_g[c] = part_gd[c] = A(0);
-        for (int64_t l = g0; l < g1; ++l) {
-          const T* __restrict gr = g + (n * v.l + l) * v.c + c0;
-          const T* __restrict xr = x + (n * v.l + l) * v.c + c0;
+    auto tasks_body = [&]() SNZOO_INLINE_BODY {
+      A part_g[kChannelBlock], part_gd[kChannelBlock];
+      double total_g[kChannelBlock], total_gd[kChannelBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t n, c0, width, segment, l0, l1;
+        tasks.unpack(v, task, n, c0, width, segment, l0, l1);
+        const A* __restrict mn = m + n * v.c + c0;
+        for (int64_t c = 0; c < width; ++c) total_g[c] = total_gd[c] = 0;
+        for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
+          const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
+          for (int64_t c = 0; c < width; ++c) part_g[c] = part_gd[c] = A(0);
+          for (int64_t l = g0; l < g1; ++l) {
+            const T* __restrict gr = g + (n * v.l + l) * v.c + c0;
+            const T* __restrict xr = x + (n * v.l + l) * v.c + c0;
 #pragma omp simd
+            for (int64_t c = 0; c < width; ++c) {
+              const A gl = load(gr[c]);
+              part_g[c] += gl;
+              part_gd[c] += gl * (load(xr[c]) - mn[c]);
+            }
+          }
           for (int64_t c = 0; c < width; ++c) {
-            const A gl = load(gr[c]);
-            part_g[c] += gl;
-            part_gd[c] += gl * (load(xr[c]) - mn[c]);
+            total_g[c] += part_g[c];
+            total_gd[c] += part_gd[c];
           }
         }
         for (int64_t c = 0; c < width; ++c) {
-          total_g[c] += part_g[c];
-          total_gd[c] += part_gd[c];
+          partial_g[(n * tasks.segments + segment) * v.c + c0 + c] = total_g[c];
+          partial_gd[(n * tasks.segments + segment) * v.c + c0 + c] = total_gd[c];
         }
       }
-      for (int64_t c = 0; c < width; ++c) {
-        partial_g[(n * tasks.segments + segment) * v.c + c0 + c] = total_g[c];
-        partial_gd[(n * tasks.segments + segment) * v.c + c0 + c] = total_gd[c];
-      }
+    };
+    if (v.c >= kWideRow / 16) {
+      wide_vectors(tasks_body);
+    } else {
+      tasks_body();
     }
   });
   for (int64_t n = 0; n < v.n; ++n) {

@@ -31,6 +31,22 @@ constexpr int64_t kChunk = 2048;           // values summed in the compute dtype
 constexpr int64_t kTaskValues = 1 << 15;   // values a parallel task handles, at least
 constexpr int64_t kSampleAtOnceBytes = int64_t(1) << 20;
 
+// GCC vectorises with 256-bit registers by default even where the CPU has 512-bit ones (as PyTorch's own kernels use
+// here). The long loops run inside wide_vectors, compiled to prefer 512-bit vectors: the loop body, a lambda, is
+// inlined into it. Short rows keep the default: a 512-bit loop over 49 values spends its time in the remainder.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define SNZOO_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
+#define SNZOO_INLINE_BODY __attribute__((always_inline))
+#else
+#define SNZOO_WIDE_VECTORS
+#define SNZOO_INLINE_BODY
+#endif
+template <typename F>
+SNZOO_WIDE_VECTORS void wide_vectors(const F& body) {
+  body();
+}
+constexpr int64_t kWideRow = 256;  // values in a row (or channels in a row of channels_last) that take wide_vectors
+
 // ------------------------------------------------------------------------------------------------ dtypes
 template <typename T>
 struct Compute {
@@ -162,40 +178,54 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
   using A = typename Compute<T>::type;
   if (!v.nlc) {
     at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A mr = m[r], ar = kWithGrad ? a[r] : A(0), br = b[r], cr = c[r];
-        const T* __restrict xr = x + r * v.l;
-        const T* __restrict gr = kWithGrad ? g + r * v.l : nullptr;
-        T* __restrict yr = out + r * v.l;
+      auto rows = [&]() SNZOO_INLINE_BODY {
+        for (int64_t r = begin; r < end; ++r) {
+          const A mr = m[r], ar = kWithGrad ? a[r] : A(0), br = b[r], cr = c[r];
+          const T* __restrict xr = x + r * v.l;
+          const T* __restrict gr = kWithGrad ? g + r * v.l : nullptr;
+          T* __restrict yr = out + r * v.l;
 #pragma omp simd
-        for (int64_t l = 0; l < v.l; ++l) {
-          A value = (load(xr[l]) - mr) * br + cr;
-          if (kWithGrad) value += load(gr[l]) * ar;
-          yr[l] = store<T>(value);
+          for (int64_t l = 0; l < v.l; ++l) {
+            A value = (load(xr[l]) - mr) * br + cr;
+            if (kWithGrad) value += load(gr[l]) * ar;
+            yr[l] = store<T>(value);
+          }
         }
+      };
+      if (v.l >= kWideRow) {
+        wide_vectors(rows);
+      } else {
+        rows();
       }
     });
     return;
   }
   at::parallel_for(0, v.n * v.l, std::max<int64_t>(1, kTaskValues / v.c), [&](int64_t begin, int64_t end) {
     // The rows of one sample share its coefficients: found once per sample, not per row (a row can be one vector).
-    for (int64_t row = begin; row < end;) {
-      const int64_t first = (row / v.l) * v.c, stop = std::min(end, (row / v.l + 1) * v.l);
-      const A* __restrict mn = m + first;
-      const A* __restrict an = kWithGrad ? a + first : nullptr;
-      const A* __restrict bn = b + first;
-      const A* __restrict cn = c + first;
-      for (; row < stop; ++row) {
-        const T* __restrict xr = x + row * v.c;
-        const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
-        T* __restrict yr = out + row * v.c;
+    auto rows = [&]() SNZOO_INLINE_BODY {
+      for (int64_t row = begin; row < end;) {
+        const int64_t first = (row / v.l) * v.c, stop = std::min(end, (row / v.l + 1) * v.l);
+        const A* __restrict mn = m + first;
+        const A* __restrict an = kWithGrad ? a + first : nullptr;
+        const A* __restrict bn = b + first;
+        const A* __restrict cn = c + first;
+        for (; row < stop; ++row) {
+          const T* __restrict xr = x + row * v.c;
+          const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+          T* __restrict yr = out + row * v.c;
 #pragma omp simd
-        for (int64_t ch = 0; ch < v.c; ++ch) {
-          A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
-          if (kWithGrad) value += load(gr[ch]) * an[ch];
-          yr[ch] = store<T>(value);
+          for (int64_t ch = 0; ch < v.c; ++ch) {
+            A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
+            if (kWithGrad) value += load(gr[ch]) * an[ch];
+            yr[ch] = store<T>(value);
+          }
         }
       }
+    };
+    if (v.c >= kWideRow / 16) {
+      wide_vectors(rows);
+    } else {
+      rows();
     }
   });
 }
@@ -210,10 +240,18 @@ struct Moments {
       count = count_b, mean = mean_b, m2 = m2_b;
       return;
     }
-    const double total = count + count_b, delta = mean_b - mean, share = count_b / total;
+    add(count_b, mean_b, m2_b, count_b / (count + count_b));
+  }
+  // The same with share = count_b / (count + count_b) given: channels that see the same counts share one division.
+  void add(double count_b, double mean_b, double m2_b, double share) {
+    if (count == 0) {
+      count = count_b, mean = mean_b, m2 = m2_b;
+      return;
+    }
+    const double delta = mean_b - mean;
     mean += delta * share;
     m2 += m2_b + delta * delta * (count * share);
-    count = total;
+    count += count_b;
   }
 };
 
@@ -259,32 +297,34 @@ Moments chunk_moments(const T* __restrict x, int64_t count, double inv_count) {
   using A = typename Compute<T>::type;
   if (count < 4 * kLanes) return short_moments(x, count, inv_count);  // too short for the lanes to pay off
   const int64_t whole = count / kLanes * kLanes;
-  A lanes[kLanes] = {};
-  for (int64_t i = 0; i < whole; i += kLanes) {
+  A m, squares = 0, residue = 0;
+  wide_vectors([&]() SNZOO_INLINE_BODY {
+    A lanes[kLanes] = {};
+    for (int64_t i = 0; i < whole; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += load(x[i + j]);
-  }
-  A sum = 0;
-  for (int64_t i = whole; i < count; ++i) sum += load(x[i]);
-  sum += fold_lanes(lanes);
-  const A m = sum * A(inv_count);
-  A square_lanes[kLanes] = {}, residue_lanes[kLanes] = {};
-  for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const A d = load(x[i + j]) - m;
-      square_lanes[j] += d * d;
-      residue_lanes[j] += d;
+      for (int64_t j = 0; j < kLanes; ++j) lanes[j] += load(x[i + j]);
     }
-  }
-  A squares = 0, residue = 0;
-  for (int64_t i = whole; i < count; ++i) {
-    const A d = load(x[i]) - m;
-    squares += d * d;
-    residue += d;
-  }
-  squares += fold_lanes(square_lanes);
-  residue += fold_lanes(residue_lanes);
+    A sum = 0;
+    for (int64_t i = whole; i < count; ++i) sum += load(x[i]);
+    sum += fold_lanes(lanes);
+    m = sum * A(inv_count);
+    A square_lanes[kLanes] = {}, residue_lanes[kLanes] = {};
+    for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const A d = load(x[i + j]) - m;
+        square_lanes[j] += d * d;
+        residue_lanes[j] += d;
+      }
+    }
+    for (int64_t i = whole; i < count; ++i) {
+      const A d = load(x[i]) - m;
+      squares += d * d;
+      residue += d;
+    }
+    squares += fold_lanes(square_lanes);
+    residue += fold_lanes(residue_lanes);
+  });
   const double res = residue;
   return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
 }
@@ -319,65 +359,73 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
   const NlcTasks tasks(v);
   std::vector<Moments> partial(v.n * tasks.segments * v.c);
   at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
-    A sum2[kChannelBlock], squares2[kChannelBlock], residue2[kChannelBlock];
-    const T zeros[kChannelBlock] = {};  // the partner of an odd group's last row
-    Moments acc[kChannelBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t n, c0, width, segment, l0, l1;
-      tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-      for (int64_t c = 0; c < width; ++c) acc[c] = Moments();
-      for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-        const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-        const double k = double(g1 - g0), inv_k = 1.0 / k;
-        const A inv_count = A(inv_k);
-        // Rows go in pairs, each row of a pair into its own sums (added at the end), so that two chains of vector
-        // adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
-        for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
-        const int64_t paired = g0 + (g1 - g0) / 2 * 2;
-        for (int64_t l = g0; l < g1; l += 2) {
-          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-          const T* __restrict next = l + 1 < g1 ? row + v.c : zeros;
+    auto tasks_body = [&]() SNZOO_INLINE_BODY {
+      A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
+      A sum2[kChannelBlock], squares2[kChannelBlock], residue2[kChannelBlock];
+      const T zeros[kChannelBlock] = {};  // the partner of an odd group's last row
+      Moments acc[kChannelBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t n, c0, width, segment, l0, l1;
+        tasks.unpack(v, task, n, c0, width, segment, l0, l1);
+        for (int64_t c = 0; c < width; ++c) acc[c] = Moments();
+        for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
+          const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
+          const double k = double(g1 - g0), inv_k = 1.0 / k;
+          const double share = k / (double(g0 - l0) + k);  // every channel of the task has seen g0 - l0 rows
+          const A inv_count = A(inv_k);
+          // Rows go in pairs, each row of a pair into its own sums (added at the end), so that two chains of vector
+          // adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
+          for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
+          const int64_t paired = g0 + (g1 - g0) / 2 * 2;
+          for (int64_t l = g0; l < g1; l += 2) {
+            const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+            const T* __restrict next = l + 1 < g1 ? row + v.c : zeros;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) {
+              sum[c] += load(row[c]);
+              sum2[c] += load(next[c]);
+            }
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) sum[c] = (sum[c] + sum2[c]) * inv_count;  // the second pass's centre
+          for (int64_t l = g0; l < paired; l += 2) {
+            const T* __restrict row = x + (n * v.l + l) * v.c + c0;
+            const T* __restrict next = row + v.c;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) {
+              const A d = load(row[c]) - sum[c], e = load(next[c]) - sum[c];
+              squares[c] += d * d;
+              residue[c] += d;
+              squares2[c] += e * e;
+              residue2[c] += e;
+            }
+          }
+          if (paired < g1) {
+            const T* __restrict row = x + (n * v.l + paired) * v.c + c0;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) {
+              const A d = load(row[c]) - sum[c];
+              squares[c] += d * d;
+              residue[c] += d;
+            }
+          }
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) {
-            sum[c] += load(row[c]);
-            sum2[c] += load(next[c]);
+            squares[c] += squares2[c];
+            residue[c] += residue2[c];
           }
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) sum[c] = (sum[c] + sum2[c]) * inv_count;  // the second pass's centre
-        for (int64_t l = g0; l < paired; l += 2) {
-          const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-          const T* __restrict next = row + v.c;
-#pragma omp simd
           for (int64_t c = 0; c < width; ++c) {
-            const A d = load(row[c]) - sum[c], e = load(next[c]) - sum[c];
-            squares[c] += d * d;
-            residue[c] += d;
-            squares2[c] += e * e;
-            residue2[c] += e;
+            const double res = residue[c];
+            acc[c].add(k, double(sum[c]) + res * inv_k, double(squares[c]) - res * res * inv_k, share);
           }
         }
-        if (paired < g1) {
-          const T* __restrict row = x + (n * v.l + paired) * v.c + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            const A d = load(row[c]) - sum[c];
-            squares[c] += d * d;
-            residue[c] += d;
-          }
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) {
-          squares[c] += squares2[c];
-          residue[c] += residue2[c];
-        }
-        for (int64_t c = 0; c < width; ++c) {
-          const double res = residue[c];
-          acc[c].add(k, double(sum[c]) + res * inv_k, double(squares[c]) - res * res * inv_k);
-        }
+        for (int64_t c = 0; c < width; ++c) partial[(n * tasks.segments + segment) * v.c + c0 + c] = acc[c];
       }
-      for (int64_t c = 0; c < width; ++c) partial[(n * tasks.segments + segment) * v.c + c0 + c] = acc[c];
+    };
+    if (v.c >= kWideRow / 16) {
+      wide_vectors(tasks_body);
+    } else {
+      tasks_body();
     }
   });
   for (int64_t n = 0; n < v.n; ++n) {
