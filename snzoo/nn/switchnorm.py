@@ -158,8 +158,8 @@ class _SwitchNorm(nn.Module):
         else:
             bn_group, running_mean, running_var = n, None, None
         return cpu_kernels.switch_norm(
-            x, self._tensor("weight"), self._tensor("bias"), mean_probs, var_probs, cpu_kernels.term_slots(self.terms), bn_group,
-            running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
+            x, self._tensor("weight"), self._tensor("bias"), mean_probs, var_probs, cpu_kernels.term_slots(self.terms),
+            bn_group, running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
         )
 
     def extra_repr(self) -> str:

@@ -375,7 +375,9 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
           const A inv_count = A(inv_k);
           // Rows go in pairs, each row of a pair into its own sums (added at the end), so that two chains of vector
           // adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
-          for (int64_t c = 0; c < width; ++c) sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
+          for (int64_t c = 0; c < width; ++c) {
+          sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
+        }
           const int64_t paired = g0 + (g1 - g0) / 2 * 2;
           for (int64_t l = g0; l < g1; l += 2) {
             const T* __restrict row = x + (n * v.l + l) * v.c + c0;
