@@ -36,13 +36,14 @@ void part_grad_sums(const T* __restrict g, const T* __restrict x, int64_t count,
         lanes_gd[j] += gl * (load(x[i + j]) - m);
       }
     }
-    for (int64_t l = whole; l < count; ++l) {
-      const A gl = load(g[l]);
-      part_g += gl;
-      part_gd += gl * (load(x[l]) - m);
+#pragma omp simd
+    for (int64_t j = 0; j < count - whole; ++j) {  // the rest into the first lanes, as chunk_moments does
+      const A gl = load(g[whole + j]);
+      lanes_g[j] += gl;
+      lanes_gd[j] += gl * (load(x[whole + j]) - m);
     }
-    part_g += fold_lanes(lanes_g);
-    part_gd += fold_lanes(lanes_gd);
+    part_g = fold_lanes(lanes_g);
+    part_gd = fold_lanes(lanes_gd);
   });
   sum_g = part_g, sum_gd = part_gd;
 }
