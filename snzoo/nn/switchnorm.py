@@ -13,7 +13,7 @@ from snzoo.nn import functional as F_sn
 from snzoo.nn._checks import check_sync_or_ghost, ghost_group_size, resolve_process_group
 
 
-def reusable_outside_autograd(*parameters: Tensor) -> bool:
+def _reusable_outside_autograd(*parameters: Tensor) -> bool:
     """True when values computed from `parameters` may be reused from an earlier call: no gradient must reach the
     parameters, and no tracer or compiler is recording the computation (a reused value would enter its graph as a
     constant)."""
@@ -86,7 +86,7 @@ class _SwitchNorm(nn.Module):
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """The mixing weights of the mean and variance statistics, ordered as `terms`."""
         raw_mean, raw_var = self._tensor("mean_weight"), self._tensor("var_weight")
-        if not reusable_outside_autograd(raw_mean, raw_var):
+        if not _reusable_outside_autograd(raw_mean, raw_var):
             return torch.softmax(raw_mean, 0), torch.softmax(raw_var, 0)
         # Without a gradient to carry the weights change only when the raw parameters do (an optimizer step or a
         # load bumps their version): two softmax calls cost as much as a small layer's normalisation, so the last
