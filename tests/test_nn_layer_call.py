@@ -128,3 +128,21 @@ def test_a_parametrized_weight_is_the_one_the_layer_uses():
         doubled = layer(x)
     bias = layer.bias.detach().reshape(1, 4, 1, 1)
     torch.testing.assert_close(doubled - bias, 2 * (plain - bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: SwitchNorm2d(4), lambda: SparseSwitchNorm2d(4)])
+def test_layers_made_and_run_in_inference_mode(make):
+    """Inference tensors keep no version counter: nothing is reused by version, and the running update still runs."""
+    x = spread_input((2, 4, 3, 3), torch.float32, seed=9)
+    with torch.inference_mode():
+        layer = randomise(make(), seed=10, buffers=True)
+        before = layer.running_mean.clone()
+        trained = layer.train()(x)
+        assert not torch.equal(layer.running_mean, before)
+        evaluated = [layer.eval()(x) for _ in range(2)]
+    reference = copy.deepcopy(layer)
+    with torch.no_grad():
+        reference.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(evaluated[0], reference.eval()(x.clone()))
+    torch.testing.assert_close(evaluated[0], evaluated[1], rtol=0, atol=0)
+    assert trained.shape == x.shape

@@ -56,7 +56,8 @@ class SparseSwitchNorm2d(_SwitchNorm):
         return w
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
-        if (self.training and torch.is_grad_enabled()) or not _reusable_outside_autograd():
+        if (self.training and torch.is_grad_enabled()) or not _reusable_outside_autograd(
+                self.radius, self.mean_fixed, self.var_fixed):
             return self._weights(self.mean_weight, self.mean_fixed), self._weights(self.var_weight, self.var_fixed)
         # Without a gradient step the weights change only when their inputs do: sparsestmax is a few dozen small
         # operations, as long as a small layer's normalisation itself, so eval reuses the last result.

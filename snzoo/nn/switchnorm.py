@@ -15,9 +15,11 @@ from snzoo.nn._checks import check_sync_or_ghost, ghost_group_size, resolve_proc
 
 def _reusable_outside_autograd(*parameters: Tensor) -> bool:
     """True when values computed from `parameters` may be reused from an earlier call: no gradient must reach the
-    parameters, and no tracer or compiler is recording the computation (a reused value would enter its graph as a
-    constant)."""
+    parameters, their version counters tell when they change (inference tensors keep none), and no tracer or compiler
+    is recording the computation (a reused value would enter its graph as a constant)."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+        return False
+    if any(p.is_inference() for p in parameters):
         return False
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 

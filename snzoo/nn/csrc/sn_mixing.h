@@ -155,7 +155,8 @@ inline Statistics statistics(const Mixing& m, const double* mean_in, const doubl
 // The buffers' update from the groups' statistics (G, C): the mean over groups of the update each group would give
 // (a moving average whose momentum weighs the old value, or in batch-average mode the sums of mean and E[x^2]).
 // Written in place element by element (the update of a small layer as tensor operations is a dozen dispatched calls,
-// more than its statistics cost), with the buffers' version bumped as an in-place operation bumps it.
+// more than its statistics cost), with the buffers' version bumped as an in-place operation bumps it (where they
+// have one).
 inline void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mixing& m, double momentum,
                            bool moving_average) {
   const int64_t groups = m.groups(), c = m.c;
@@ -182,7 +183,7 @@ inline void update_running(Tensor& rm, Tensor& rv, const Statistics& s, const Mi
         p[j] = from_double<scalar_t>(moving_average ? old * momentum + (1 - momentum) * update[j] : old + update[j]);
       }
     });
-    buffer->unsafeGetTensorImpl()->bump_version();
+    if (!buffer->is_inference()) buffer->unsafeGetTensorImpl()->bump_version();  // inference tensors keep no version
   }
 }
 
