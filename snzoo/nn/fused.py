@@ -321,7 +321,7 @@ def takes_whole_layer(x: Tensor) -> bool:
     """True when an SN layer on x runs as one operator of the CPU kernel (`cpu_kernels.switch_norm`): CPU eager mode,
     an input the kernel `fits`, the kernel built and switched on. Synchronised statistics never do (checked by the
     caller)."""
-    return cpu_kernels.fits(x) and cpu_kernels.active() and not torch.compiler.is_compiling() and not _exporting()
+    return cpu_kernels.fits(x) and cpu_kernels.active() and _fast_allowed(x)
 
 
 def switch_norm_fused(

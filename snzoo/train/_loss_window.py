@@ -9,14 +9,12 @@ checkpoint is written after it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from snzoo.train.distributed import DistInfo
+from snzoo.train.distributed import DistInfo, finite_on_every_rank
 
 
 @dataclass(frozen=True)
@@ -65,14 +63,8 @@ class LossWindow:
         if not losses:
             return ReadLosses([], [])
         stacked = torch.stack(losses)
-        if self.info.enabled:
-            # Every rank stops at the first step that was non-finite anywhere, as a per-step check would.
-            finite = torch.isfinite(stacked).to(torch.float32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            flags = [f == 1.0 for f in finite.tolist()]
-            values = stacked.tolist()
-        else:
-            values = stacked.tolist()
-            flags = [math.isfinite(v) for v in values]
+        # Every rank stops at the first step that was non-finite anywhere, as a per-step check would.
+        flags = finite_on_every_rank(torch.isfinite(stacked), self.info)
+        values = stacked.tolist()
         first = next((i for i, ok in enumerate(flags) if not ok), None)
         return ReadLosses(values, steps, first)

@@ -96,10 +96,15 @@ def restore_running_stats(model: nn.Module, per_rank: torch.Tensor, info: DistIn
 
 def all_finite(value: torch.Tensor, info: DistInfo) -> bool:
     """True when the value is finite on every rank (so all ranks stop together)."""
-    flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=value.device)
+    return finite_on_every_rank(torch.isfinite(value).all().reshape(1), info)[0]
+
+
+def finite_on_every_rank(finite: torch.Tensor, info: DistInfo) -> list[bool]:
+    """Per element of the 1-d boolean `finite` (this rank's finiteness flags): true on every rank (one all-reduce)."""
+    flags = finite.to(torch.float32)
     if info.enabled:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [flag == 1.0 for flag in flags.tolist()]
 
 
 def barrier(info: DistInfo) -> None:

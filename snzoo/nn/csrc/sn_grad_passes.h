@@ -108,11 +108,7 @@ void grad_sums(const T* __restrict g, const T* __restrict x, const View& v, cons
         }
       }
     };
-    if (v.c >= kWideRow / 16) {
-      wide_vectors(tasks_body);
-    } else {
-      tasks_body();
-    }
+    vectorised(v.c >= kWideChannels, tasks_body);
   });
   for (int64_t n = 0; n < v.n; ++n) {
     for (int64_t c = 0; c < v.c; ++c) {

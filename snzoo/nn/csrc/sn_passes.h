@@ -45,7 +45,18 @@ template <typename F>
 SNZOO_WIDE_VECTORS void wide_vectors(const F& body) {
   body();
 }
-constexpr int64_t kWideRow = 256;  // values in a row (or channels in a row of channels_last) that take wide_vectors
+// Rows of at least kWideRow values (contiguous input) or kWideChannels channels (channels innermost) take wide_vectors.
+constexpr int64_t kWideRow = 256, kWideChannels = 16;
+
+// body() inside wide_vectors where `wide`, else as it is.
+template <typename F>
+inline void vectorised(bool wide, const F& body) {
+  if (wide) {
+    wide_vectors(body);
+  } else {
+    body();
+  }
+}
 
 // ------------------------------------------------------------------------------------------------ dtypes
 template <typename T>
@@ -192,11 +203,7 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
           }
         }
       };
-      if (v.l >= kWideRow) {
-        wide_vectors(rows);
-      } else {
-        rows();
-      }
+      vectorised(v.l >= kWideRow, rows);
     });
     return;
   }
@@ -222,11 +229,7 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
         }
       }
     };
-    if (v.c >= kWideRow / 16) {
-      wide_vectors(rows);
-    } else {
-      rows();
-    }
+    vectorised(v.c >= kWideChannels, rows);
   });
 }
 
@@ -439,11 +442,7 @@ void moments(const T* x, const View& v, typename Compute<T>::type* centre, doubl
         }
       }
     };
-    if (v.c >= kWideRow / 16) {
-      wide_vectors(tasks_body);
-    } else {
-      tasks_body();
-    }
+    vectorised(v.c >= kWideChannels, tasks_body);
   });
   for (int64_t n = 0; n < v.n; ++n) {
     for (int64_t c = 0; c < v.c; ++c) {
