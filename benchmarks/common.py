@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from snzoo.tools.bench import training_step
+
 PHOTOS = [
     ("skimage", "data/astronaut.png"), ("skimage", "data/coffee.png"), ("skimage", "data/chelsea.png"),
     ("skimage", "data/rocket.jpg"), ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
@@ -58,15 +60,6 @@ def timed_train_step(model, images, labels, optimizer, loss_fn, autocast, sync, 
     GradScaler when given), with `sync` waiting for the device on both ends."""
     sync()
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        loss = loss_fn(model(images), labels)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    training_step(model, images, labels, optimizer, loss_fn, autocast, scaler)
     sync()
     return time.perf_counter() - start

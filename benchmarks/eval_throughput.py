@@ -19,7 +19,7 @@ from torchvision import datasets, transforms
 
 import snzoo
 from snzoo.data import build_eval_dataset, eval_transform
-from snzoo.evaluate import default_workers, evaluate
+from snzoo.eval import default_workers, evaluate
 
 from common import environment, photo_folder
 

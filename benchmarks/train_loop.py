@@ -36,7 +36,7 @@ import snzoo
 from snzoo import zoo
 from snzoo.data.augment import train_transform
 from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
-from snzoo.evaluate import default_workers
+from snzoo.eval import default_workers
 from snzoo.train import TrainConfig, train
 from snzoo.train.recipe import peak_learning_rate
 from snzoo.train.run_log import read_metrics

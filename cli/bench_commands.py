@@ -1,10 +1,10 @@
-"""`snzoo bench`: a thin wrapper over snzoo.bench.benchmark_model."""
+"""`snzoo bench`: a thin wrapper over snzoo.tools.bench.benchmark_model."""
 
 from __future__ import annotations
 
 import click
 
-from snzoo.bench import benchmark_model
+from snzoo.tools.bench import benchmark_model
 from snzoo_cli.output import echo_json
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from snzoo import zoo
-from snzoo.eval_zoo import append_results, evaluate_model
+from snzoo.data import INTERPOLATIONS
+from snzoo.eval import append_results, evaluate_model
 from snzoo_cli.output import echo_json
 
 
@@ -40,7 +41,7 @@ def _line(result) -> str:
 @click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")
 @click.option("--resize", type=int, help="Override the entry's resize (short side).")
 @click.option("--crop", type=int, help="Override the entry's center crop.")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Override the resize interpolation.")
+@click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), help="Override the resize interpolation.")
 @click.option("--batch-size", "-b", default=64, show_default=True)
 @click.option("--workers", "-j", type=int, help="DataLoader workers (default: the CPU count).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")

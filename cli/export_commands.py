@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from snzoo import create_model
 from snzoo.export import MIN_OPSET, ExportError, check_export, example_input, export_onnx, export_torchscript
-from snzoo.factory import create_model
-from snzoo.weights.download import hash_file
+from snzoo.weights import hash_file
 from snzoo_cli.output import echo_json, human_size
 
 # Float32 exports of the fused formulation differ from eager by ~1e-6 on typical logits; 1e-3 flags real errors.

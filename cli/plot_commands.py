@@ -1,4 +1,4 @@
-"""`snzoo plot`: a thin wrapper over snzoo.plot."""
+"""`snzoo plot`: a thin wrapper over snzoo.tools.plot."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from snzoo.plot import default_importance_png, last_importance, plot_checkpoint, plot_run
-from snzoo.train.run_log import METRICS_FILE, read_metrics
+from snzoo.tools.plot import default_importance_png, last_importance, plot_checkpoint, plot_run
+from snzoo.train import METRICS_FILE, read_metrics
 from snzoo_cli.output import echo_json
 
 

@@ -1,4 +1,5 @@
-"""`snzoo download | verify | convert | pin | cache`: thin wrappers over snzoo.weights."""
+"""`snzoo download | verify | convert | pin | cache | export-hf`: thin wrappers over snzoo.tools.weights,
+snzoo.weights and snzoo.hub."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from pathlib import Path
 import click
 
 from snzoo import zoo
-from snzoo.weights import cache_dir, fetch_weights
-from snzoo.weights.cache import cache_files, clean_cache
-from snzoo.weights.fetch import require_pinned_default
-from snzoo.weights.maintenance import convert_checkpoint, pin_file, verify_entry, verify_file
-from snzoo.weights.verify import is_pinned
+from snzoo.hub import export_hf
+from snzoo.tools.weights import convert_checkpoint, download, pin_file, verify_entry, verify_file
+from snzoo.weights import cache_dir, cache_files, clean_cache, is_pinned, require_pinned_default
 from snzoo_cli.output import echo_json, human_size
 
 
@@ -41,8 +40,8 @@ def download_command(names, all_entries, source_url, file, require_pinned, quiet
     rows = []
     for name in names:
         entry = zoo.get_entry(name)
-        path = fetch_weights(entry, file=file, source_url=source_url, require_pinned=require_pinned,
-                             progress=False if quiet else None)
+        path = download(entry.name, file=file, source_url=source_url, require_pinned=require_pinned,
+                        progress=False if quiet else None)
         rows.append({"name": entry.name, "path": str(path), "size": path.stat().st_size})
         if not as_json:
             click.echo(f"{entry.name}: {path} ({human_size(path.stat().st_size)})")
@@ -134,8 +133,6 @@ def cache_clean_command(names, partial) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT_DIR.")
 def export_hf_command(name, out_dir, repo_id, overwrite) -> None:
     """Write a ready-to-upload Hugging Face model folder for entry NAME: weights, config.json, model card."""
-    from snzoo.hf import export_hf
-
     path = export_hf(name, Path(out_dir), overwrite=overwrite, repo_id=repo_id)
     click.echo(f"{path}: model.safetensors, config.json, README.md")
 

@@ -7,7 +7,7 @@ import json
 import click
 
 import snzoo
-from snzoo.describe import describe
+from snzoo.tools.describe import describe
 from snzoo.zoo import zoo_table_markdown
 from snzoo_cli.output import echo_json
 

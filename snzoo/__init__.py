@@ -4,16 +4,14 @@
     model = snzoo.create_model("resnet50v1_sn", pretrained=True)
 """
 
-__version__ = "0.1.0"
-
-from snzoo import models as _models  # noqa: F401  (registers the architectures)
+from snzoo.version import __version__
 from snzoo.errors import SnzooError
-from snzoo.evaluate import EvalResult
-from snzoo.evaluate import evaluate as _evaluate
-from snzoo.factory import create_model
+from snzoo.models import list_architectures
 from snzoo.zoo import get_entry, list_models
+from snzoo._factory import create_model
+from snzoo.eval import EvalResult, evaluate
 
-# `snzoo.evaluate(model, data)` is the engine; the module stays importable as `from snzoo.evaluate import ...`.
-evaluate = _evaluate
-
-__all__ = ["__version__", "SnzooError", "EvalResult", "create_model", "evaluate", "get_entry", "list_models"]
+__all__ = [
+    "__version__", "SnzooError", "EvalResult", "create_model", "evaluate", "get_entry", "list_architectures",
+    "list_models",
+]

@@ -1,10 +1,17 @@
-"""Errors that reach users: each carries one line saying what is wrong and how to fix it."""
+"""Every error snzoo raises for bad input; each carries one line saying what is wrong and how to fix it.
+
+The CLI prints any SnzooError as one `error:` line with a non-zero exit code. The second base class of each
+error is the built-in exception a caller would catch without knowing snzoo (KeyError, ValueError, OSError...).
+"""
 
 from __future__ import annotations
 
 
 class SnzooError(Exception):
     """Base class of every error snzoo raises for bad input; the CLI prints its message as one line."""
+
+
+# ------------------------------------------------------------------------------------------ names and zoo
 
 
 class UnknownModelError(SnzooError, KeyError):
@@ -18,17 +25,78 @@ class ManifestError(SnzooError, ValueError):
     """A weights manifest (the shipped one or a user overlay) that breaks the schema."""
 
 
+class ModelConfigError(SnzooError, ValueError):
+    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use."""
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
 class CheckpointError(SnzooError, ValueError):
     """A checkpoint file that cannot be read safely or does not match the architecture."""
+
+
+class ChecksumError(SnzooError):
+    """A file whose bytes are not the ones the manifest pins."""
+
+
+class DownloadError(SnzooError):
+    """A download that failed: network, HTTP status, or content that is not the file."""
 
 
 class WeightsNotAvailableError(SnzooError, FileNotFoundError):
     """Pretrained weights that are neither cached nor obtainable right now."""
 
 
-class KernelBuildError(SnzooError, RuntimeError):
-    """snzoo's SN CPU kernel cannot be built or loaded here (SN layers still run, on PyTorch ops)."""
+class UnpinnedWeightsWarning(UserWarning):
+    """Weights were accepted without a published checksum to compare with."""
+
+
+# --------------------------------------------------------------------------------------- data, eval, train
+
+
+class DataError(SnzooError, ValueError):
+    """A dataset path, layout or option that cannot be used."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded."""
+
+
+class RecipeError(SnzooError, ValueError):
+    """A training recipe (or an override of one) with a missing, unknown or invalid field."""
 
 
 class TrainingError(SnzooError, RuntimeError):
     """A run that cannot go on (non-finite loss, impossible batch plan, nothing to resume)."""
+
+
+class MetricsLogError(SnzooError, ValueError):
+    """A value that cannot be logged as a metric, or a metrics file that cannot be read."""
+
+
+# ---------------------------------------------------------------------------------------- kernels, tools
+
+
+class KernelBuildError(SnzooError, RuntimeError):
+    """snzoo's SN CPU kernel cannot be built or loaded here (SN layers still run, on PyTorch ops)."""
+
+
+class KernelInputError(SnzooError, ValueError):
+    """Input a Triton SN kernel cannot take (device, dtype or shape)."""
+
+
+class ExportError(SnzooError, RuntimeError):
+    """An export that cannot be made: bad settings, a destination in the way, a missing package, or an
+    exporter failure."""
+
+
+class BenchmarkError(SnzooError, ValueError):
+    """Benchmark settings that cannot be run."""
+
+
+class PlotError(SnzooError, ValueError):
+    """Nothing to plot, or a plot that cannot be written."""
+
+
+__all__ = ["BadImageError", "BenchmarkError", "CheckpointError", "ChecksumError", "DataError", "DownloadError", "ExportError", "KernelBuildError", "KernelInputError", "ManifestError", "MetricsLogError", "ModelConfigError", "PlotError", "RecipeError", "SnzooError", "TrainingError", "UnknownModelError", "UnpinnedWeightsWarning", "WeightsNotAvailableError"]

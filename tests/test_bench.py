@@ -1,4 +1,4 @@
-"""Throughput measurement (snzoo.bench, `snzoo bench`) and the straightforward SN anchor of the benchmarks.
+"""Throughput measurement (snzoo.tools.bench, `snzoo bench`) and the straightforward SN anchor of the benchmarks.
 
 Only the shape and sanity of the numbers are checked, never their size: timings depend on the machine.
 """
@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import snzoo
-from snzoo.bench import BenchmarkError, benchmark_model
+from snzoo.tools.bench import BenchmarkError, benchmark_model
 from snzoo.nn import SwitchNorm2d, cpu_kernels
 from snzoo.nn import functional as sn_functional
 from snzoo_cli.bench_commands import bench_command

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import snzoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.errors import CheckpointError
 from snzoo.nn import switchnorm_layers
 from photos import photo_batch

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.weights import cache_dir
 from snzoo.weights.convert import read_record
 from snzoo_cli.main import cli

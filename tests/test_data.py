@@ -28,7 +28,7 @@ from snzoo.data import (
     eval_transform_from_config,
     load_rgb,
 )
-from snzoo.entry import EvalConfig
+from snzoo.zoo import EvalConfig
 from snzoo.errors import SnzooError
 
 PRESET = ImageClassification(crop_size=224, resize_size=256, interpolation=InterpolationMode.BILINEAR)

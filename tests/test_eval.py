@@ -17,8 +17,8 @@ from torchvision.transforms._presets import ImageClassification
 
 import snzoo
 from snzoo.data import BadImageError, DataError
-from snzoo.eval_zoo import evaluate_model, imagenet_wnids
-from snzoo.evaluate import evaluate
+from snzoo.eval import evaluate_model, imagenet_wnids
+from snzoo.eval import evaluate
 from snzoo_cli.main import cli
 from http_server import start_server
 from photos import photo_paths

@@ -29,9 +29,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import snzoo
-from snzoo.export import (
-    ExportError, FrozenSwitchNorm, _write_atomically, check_export, export_onnx, export_torchscript, frozen_copy,
-)
+from snzoo.export import ExportError, FrozenSwitchNorm, check_export, export_onnx, export_torchscript, frozen_copy
+from snzoo.export.exporters import _write_atomically
 from snzoo.models import ResNet
 from snzoo.nn import (
     SparseSwitchNorm2d,

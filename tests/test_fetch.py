@@ -20,7 +20,7 @@ import torch
 
 import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.errors import ManifestError, WeightsNotAvailableError
 from snzoo.weights import UnpinnedWeightsWarning, cache_dir, cache_path, fetch_weights
 from http_server import start_server

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import snzoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.errors import WeightsNotAvailableError
 from snzoo.weights import UnpinnedWeightsWarning
 

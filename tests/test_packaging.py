@@ -47,7 +47,7 @@ def test_wheel_contains_manifest_schema_cli_and_entry_point(wheel):
         names = set(zf.namelist())
         assert zf.read("snzoo/weights_manifest.json") == (REPO / "weights_manifest.json").read_bytes()
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "snzoo/manifest.schema.json" in names and "snzoo/data/imagenet1k_wnids.txt" in names
+    assert "snzoo/zoo/manifest.schema.json" in names and "snzoo/data/imagenet1k_wnids.txt" in names
     assert {"snzoo_cli/__init__.py", "snzoo_cli/main.py", "snzoo/nn/functional.py", "snzoo/models/resnet.py"} <= names
     assert not any(n.startswith("cli/") for n in names)  # no bare top-level `cli` package
     assert "snzoo = snzoo_cli.main:main" in entry_points

@@ -12,7 +12,7 @@ from torch import nn
 
 import snzoo
 from snzoo.nn import SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d
-from snzoo.plot import (
+from snzoo.tools.plot import (
     TERM_COLORS,
     PlotError,
     importance_weights,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from snzoo import zoo
-from snzoo.eval_zoo import evaluate_model
+from snzoo.eval import evaluate_model
 from snzoo.weights import fetch_weights
-from snzoo.weights.maintenance import verify_entry
+from snzoo.tools.weights import verify_entry
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_TEST_IMAGES = 10_000

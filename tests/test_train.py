@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.train import TrainingError, plan_batches
 from snzoo.train.optim import build_optimizer, parameter_groups
 from snzoo.train.recipe import RecipeError, peak_learning_rate, resolve_recipe

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.weights import read_state_dict
 from snzoo.data import ImageFolderDataset
 from snzoo.data.augment import SeededAugmentation, eval_transform_small, final_phase_transform, train_transform
 from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST

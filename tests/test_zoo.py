@@ -77,7 +77,7 @@ def test_shipped_manifest_has_the_twelve_published_entries():
 
 
 def test_shipped_manifest_passes_the_schema_file_itself():
-    schema = json.loads((resources.files("snzoo") / "manifest.schema.json").read_text(encoding="utf-8"))
+    schema = json.loads((resources.files("snzoo.zoo") / "manifest.schema.json").read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(shipped_data())) == []
 
@@ -492,3 +492,13 @@ def test_overlay_shape_errors(tmp_path, entries, words):
     with pytest.raises(ManifestError) as info:
         zoo.load_manifest(overlay=path)
     assert str(info.value).startswith(f"{path}: {words}")
+
+
+def test_architecture_and_model_listings_match_patterns_the_same_way():
+    import snzoo
+    from snzoo.models import list_architectures
+
+    for pattern in ("resnet50*", "RESNET50*", "*_SSN", "resnet?0v1_sn", "[r]esnet18*"):
+        assert snzoo.list_models(pattern) == list_architectures(pattern) == snzoo.list_architectures(pattern)
+    assert snzoo.list_models("RESNET50V1_SN") == ["resnet50v1_sn"]
+    assert "resnet50v1_sn.in1k_8x32_cos120" in snzoo.list_models("RESNET50V1_SN*", pretrained=True)

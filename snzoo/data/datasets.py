@@ -31,21 +31,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from snzoo.errors import SnzooError
+from snzoo._io import PathLike
+from snzoo.errors import BadImageError, DataError
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _LAYOUT_HINT = "expected one sub-folder per class, e.g. {root}/n01440764/*.JPEG"
 
-PathLike = Union[str, "os.PathLike[str]"]
 Transform = Callable[[Image.Image], Any]
-
-
-class DataError(SnzooError, ValueError):
-    """An evaluation data set, list file or transform setting that cannot be used as given."""
-
-
-class BadImageError(DataError):
-    """An image file that cannot be decoded (corrupt, truncated, not an image, unreadable)."""
 
 
 def _one_line(text: str) -> str:

@@ -22,6 +22,8 @@ from snzoo.data.datasets import DataError, PathLike, Transform, _cause
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "SNZOO_FASHION_MNIST"
+# The data name that selects this set wherever a data path is asked for (`--data fashion-mnist`).
+FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

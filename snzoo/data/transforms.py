@@ -9,7 +9,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from snzoo.data.datasets import DataError
-from snzoo.entry import EvalConfig
+from snzoo.zoo import EvalConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,7 +1,28 @@
-"""Model architectures: ImageNet ResNet v1 / v2 and CIFAR ResNets with SN, SSN, BN or GN, registered by name."""
+"""Model architectures (ImageNet ResNet v1 / v2 and CIFAR ResNets with SN, SSN, BN or GN), registered by name,
+and the one builder that makes them and loads checked weights into them."""
 
-from snzoo.models.registry import ARCHITECTURES, ArchitectureSpec, get_architecture, list_architectures
+from snzoo.models.registry import (
+    ARCHITECTURES,
+    NORMS,
+    ArchitectureSpec,
+    get_architecture,
+    list_architectures,
+    unknown_name_message,
+)
 from snzoo.models.resnet import ResNet
 from snzoo.models.resnet_cifar import ResNetCifar
+from snzoo.models._builder import (
+    CLASSIFIER_PREFIX,
+    build_model,
+    check_state_dict,
+    compare_state_dict,
+    infer_model_kwargs,
+    load_checked,
+    skeleton,
+)
 
-__all__ = ["ARCHITECTURES", "ArchitectureSpec", "ResNet", "ResNetCifar", "get_architecture", "list_architectures"]
+__all__ = [
+    "ARCHITECTURES", "CLASSIFIER_PREFIX", "NORMS", "ArchitectureSpec", "ResNet", "ResNetCifar", "build_model",
+    "check_state_dict", "compare_state_dict", "get_architecture", "infer_model_kwargs", "list_architectures",
+    "load_checked", "skeleton", "unknown_name_message",
+]

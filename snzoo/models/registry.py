@@ -40,8 +40,9 @@ def register_architecture(name: str, depth: int, version: int, norm: str, builde
 
 
 def list_architectures(pattern: str = "*") -> list[str]:
-    """Architecture names matching an fnmatch pattern, sorted."""
-    return sorted(n for n in ARCHITECTURES if fnmatch.fnmatch(n, pattern))
+    """Architecture names matching an fnmatch pattern (any case), sorted."""
+    pattern = pattern.lower()
+    return sorted(n for n in ARCHITECTURES if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_architecture(name: str) -> ArchitectureSpec:

@@ -1,6 +1,7 @@
 """Switchable Normalization layers, checkpoint-compatible with the original release."""
 
 from snzoo.nn.batch_average import batch_average_layers, finalize_batch_average
+from snzoo.nn.importance import importance_weights
 from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
 from snzoo.nn.sparsestmax import sparsemax, sparsestmax
 from snzoo.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm2d
@@ -27,4 +28,5 @@ __all__ = [
     "set_sparsestmax_radius",
     "switchnorm_layers",
     "drop_bn_branch",
+    "importance_weights",
 ]

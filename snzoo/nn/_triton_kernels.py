@@ -31,7 +31,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from snzoo.errors import SnzooError
+from snzoo._io import env_flag
+from snzoo.errors import KernelInputError
 
 tl: Any = None  # triton.language, bound by _kernels(); the kernels below read it as a global when compiled
 
@@ -43,10 +44,6 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _jitted: dict[bool, dict[str, Any]] = {}  # interpret mode -> kernels (triton.jit decides the mode when it wraps)
 _importable: Optional[bool] = None
-
-
-class KernelInputError(SnzooError, ValueError):
-    """Tensors that the Triton passes cannot take as they are (check `fits(x)` before calling them)."""
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -181,7 +178,7 @@ def _kernels() -> dict[str, Any]:
 def enabled() -> bool:
     """True when SN layers may run these passes on CUDA tensors: SNZOO_TRITON=1 is set and triton imports."""
     global _importable
-    if os.environ.get("SNZOO_TRITON") != "1":
+    if not env_flag("SNZOO_TRITON"):
         return False
     if _importable is None:
         try:

@@ -8,15 +8,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from snzoo.errors import TrainingError
+from snzoo import zoo
+from snzoo._factory import create_model
+from snzoo.errors import TrainingError, UnknownModelError
+from snzoo.models import skeleton
 from snzoo.nn import drop_bn_branch, switchnorm_layers
 
 
-def build_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
+def build_run_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """The run's model: created or loaded (--init), importance weights reset, BN branch dropped, parameters frozen,
     as the TrainConfig `cfg` says; `log` gets what was changed."""
-    from snzoo.factory import create_model
-
     kwargs = dict(cfg.model_overrides)
     kwargs.setdefault("drop_rate", cfg.recipe.get("dropout", 0.0))
     if cfg.init is None:
@@ -51,10 +52,6 @@ def build_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
 
 def input_format(cfg) -> tuple[int, Optional[tuple]]:
     """The model's input channels, and the normalisation of the entry it comes from (when there is one)."""
-    from snzoo import zoo
-    from snzoo.errors import UnknownModelError
-    from snzoo.weights.verify import skeleton
-
     source = cfg.init if cfg.init and not Path(cfg.init).is_file() else cfg.name
     try:
         entry = zoo.get_entry(source) if "." in source else None

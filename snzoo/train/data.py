@@ -11,10 +11,9 @@ from torchvision import transforms
 
 from snzoo.data import DataError, ImageFolderDataset, ListFileDataset, eval_transform
 from snzoo.data.augment import SeededAugmentation, eval_transform_small, final_phase_transform, train_transform
-from snzoo.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
+from snzoo.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
 from snzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-FASHION_MNIST = "fashion-mnist"
 
 
 @dataclass

@@ -11,17 +11,18 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from snzoo._torch_utils import autocast
 from snzoo.errors import TrainingError
-from snzoo.evaluate import default_workers, evaluate
+from snzoo.eval.engine import default_workers, evaluate
 from snzoo.nn import (
     convert_sync_switchnorm,
     finalize_batch_average,
@@ -31,7 +32,7 @@ from snzoo.nn import (
 )
 from snzoo.nn.batch_average import batch_average_layers
 from snzoo.train._loss_window import LossWindow
-from snzoo.train._model import build_model, input_format
+from snzoo.train._model import build_run_model, input_format
 from snzoo.train.data import TrainData, build_train_data
 from snzoo.train.distributed import (
     DistInfo,
@@ -43,94 +44,15 @@ from snzoo.train.distributed import (
     restore_running_stats,
     shutdown,
 )
-from snzoo.train.export import export_run
+from snzoo.train._run_entry import export_run
 from snzoo.train.micro_batches import StepStatistics
 from snzoo.train.optim import build_optimizer, importance_parameters, set_learning_rate
+from snzoo.train.plan import BatchPlan, TrainConfig, plan_batches, synchronised_statistics
 from snzoo.train.recipe import peak_learning_rate, total_batch
 from snzoo.train.run_log import RunLogger
 from snzoo.train.sampler import GlobalBatchSampler
 from snzoo.train.schedule import learning_rate, sparsestmax_radius
 from snzoo.train.state import load_state, save_state, set_rng_states
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the recipe's own settings."""
-
-    name: str  # a zoo entry (ARCH.TAG) or an architecture
-    recipe: dict
-    data: str
-    output: Path
-    model_overrides: dict = field(default_factory=dict)
-    init: Optional[str] = None  # a zoo entry or checkpoint to start from (fine-tuning)
-    device: str = "cpu"
-    workers: Optional[int] = None
-    seed: int = 0
-    amp: Optional[str] = None
-    channels_last: bool = False
-    compile: bool = False
-    accum_steps: int = 1
-    sync_stats: Optional[bool] = None  # None: as the recipe's `statistics` says
-    checkpoint_every: int = 0
-    resume: bool = False
-    max_steps: Optional[int] = None
-    subset: Optional[int] = None
-    val_subset: Optional[int] = None
-    deterministic: bool = False
-    freeze: tuple = ()
-    reset_importance: bool = False
-    drop_bn: Optional[bool] = None
-    num_classes: Optional[int] = None
-    log_every: int = 10
-    progress: Optional[bool] = None
-    entry_name: Optional[str] = None  # the name to give the trained weights in entry.json
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the recipe's (devices x per-device) batch maps onto the processes at hand."""
-
-    global_batch: int
-    process_batch: int
-    micro_batch: int
-    accum_steps: int
-    ghost: Optional[int]
-    description: str
-
-
-def synchronised_statistics(recipe: dict, sync_stats: Optional[bool] = None) -> bool:
-    """Whether the run synchronises the statistics over processes: `sync_stats` when given (--sync-stats or
-    --no-sync-stats), else the recipe's `statistics` (`synchronized`, or the default `per_device`)."""
-    if sync_stats is not None:
-        return sync_stats
-    return recipe.get("statistics", "per_device") == "synchronized"
-
-
-def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats: bool = False) -> BatchPlan:
-    """Emulate the recipe's devices: each process runs devices / world_size of them as ghost batches."""
-    devices, per_device = recipe["batch"]["devices"], recipe["batch"]["per_device"]
-    if devices % world_size:
-        raise TrainingError(f"the recipe's {devices} devices do not split over {world_size} processes; "
-                            f"launch a divisor of {devices} processes")
-    emulated = devices // world_size
-    if emulated % accum_steps:
-        raise TrainingError(f"--accum-steps {accum_steps} must divide the {emulated} devices each process emulates "
-                            "(micro-batches hold whole devices, so the statistics stay per device)")
-    process_batch = emulated * per_device
-    ghost = per_device if emulated > 1 and not sync_stats else None
-    if sync_stats:
-        stats = f"statistics synchronised over all {devices * per_device} images"
-        if emulated > 1:
-            raise TrainingError("synchronised statistics (--sync-stats, or the recipe's statistics: synchronized) "
-                                f"need one process per recipe device; launch {devices} processes or pass "
-                                "--no-sync-stats")
-    elif ghost:
-        stats = f"BN statistics over ghost batches of {per_device} ({emulated} emulated devices per process)"
-    else:
-        stats = f"BN statistics per process of {per_device} images, not synchronised"
-    text = (f"recipe {devices}x{per_device} on {world_size} process(es): {process_batch} images per process and step, "
-            f"{stats}" + (f", gradient accumulation over {accum_steps} micro-batches" if accum_steps > 1 else ""))
-    return BatchPlan(devices * per_device, process_batch, process_batch // accum_steps, accum_steps, ghost, text)
 
 
 def _progress(show: bool, total: int, desc: str):
@@ -156,7 +78,65 @@ def train(cfg: TrainConfig) -> dict:
         shutdown(info)
 
 
+@dataclass
+class _Run:
+    """The state of one run that every stage of the loop reads: set up once by `_prepare`."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    run_dir: Path
+    log: Callable[[str], None]
+    data: TrainData
+    model: nn.Module
+    net: nn.Module  # the model as stepped: DDP- and compile-wrapped where asked
+    plan: BatchPlan
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: GlobalBatchSampler
+    device: torch.device
+    memory_format: torch.memory_format
+    workers: int
+    step: int = 0
+    logger: Optional[RunLogger] = None
+
+
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    run = _prepare(cfg, info)
+    start_epoch, start_step_in_epoch = _resume(run) if cfg.resume else (0, 0)
+    # A resumed run drops log lines past its checkpoint, so no step is logged twice.
+    run.logger = RunLogger(run.run_dir, rank=info.rank, purge_step=run.step + 1 if cfg.resume else None)
+    if not cfg.resume and info.is_main:
+        (run.run_dir / "recipe.json").write_text(
+            json.dumps({"name": cfg.name, "recipe": cfg.recipe, "run": _run_options(cfg, run.plan)}, indent=2) + "\n")
+    epochs = cfg.recipe["epochs"]
+    val_metrics: dict = {}
+    stop = False
+    epochs_done = start_epoch
+    started = time.perf_counter()
+    held = LossWindow(info)  # the losses of the steps since the last read
+    for epoch in range(start_epoch, epochs):
+        first = start_step_in_epoch if epoch == start_epoch else 0
+        stop, steps_done = _train_epoch(run, epoch, first, held, started)
+        if stop:
+            _checkpoint(run, epoch, first + steps_done)
+            break
+        val_metrics = _end_of_epoch(run, epoch)
+        epochs_done = epoch + 1
+        _checkpoint(run, epochs_done, 0)
+    # The exported weights hold the statistics averaged over ranks, whatever validation used.
+    average_running_stats(run.model, info)
+    summary = {"steps": run.step, "epochs_done": epochs_done, "stopped_early": stop,
+               "val": val_metrics, "seconds": time.perf_counter() - started, "plan": run.plan.description}
+    if info.is_main:
+        summary.update(export_run(run.run_dir, run.model, cfg, run.data, val_metrics))
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        run.log(_done_line(summary))
+    run.logger.close()
+    return summary
+
+
+def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
+    """Processes, data, model, batch plan, optimiser: everything before the first step."""
     recipe = cfg.recipe
     run_dir = Path(cfg.output)
     if info.is_main:
@@ -170,10 +150,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         torch.backends.cudnn.benchmark = False
 
     in_chans, normalization = input_format(cfg)
-    data: TrainData = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
-                                       in_chans=in_chans, normalization=normalization)
-    num_classes = cfg.num_classes or data.num_classes
-    model = build_model(cfg, num_classes, log)
+    data = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
+                            in_chans=in_chans, normalization=normalization)
+    model = build_run_model(cfg, cfg.num_classes or data.num_classes, log)
     sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
     plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
     log(plan.description)
@@ -184,136 +163,140 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     device = torch.device(info.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    optimizer = build_optimizer(model, recipe)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "float16")
-    clip = (recipe.get("sparsestmax") or {}).get("grad_clip_norm")
-    is_ssn = bool(recipe.get("sparsestmax"))
     # Buffers stay per device (broadcasting rank 0's would not be the original's unsynchronised statistics);
     # they are averaged over ranks before export, and before validation where the recipe asks for it.
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.enabled else model
     if cfg.compile:
         net = torch.compile(net)
-
     sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
-    steps_per_epoch = sampler.steps_per_epoch
-    epochs = recipe["epochs"]
-    peak = peak_learning_rate(recipe)
-    final_epochs = ((recipe["augmentation"] or {}).get("final_phase") or {}).get("epochs", 0)
-    start_epoch, start_step_in_epoch, step = 0, 0, 0
-    if cfg.resume:
-        state = load_state(run_dir)
-        if state is None:
-            raise TrainingError(f"--resume: no run checkpoint in {run_dir}; start without --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        # Each rank continues from its own running statistics; the model's are rank 0's.
-        if info.enabled and not restore_running_stats(model, state.get("rank_running_stats", torch.zeros(0)), info):
-            log(f"the checkpoint holds no running statistics for {info.world_size} ranks: every rank resumes "
+    return _Run(cfg=cfg, info=info, run_dir=run_dir, log=log, data=data, model=model, net=net, plan=plan,
+                optimizer=build_optimizer(model, recipe),
+                scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "float16"), sampler=sampler,
+                device=device, memory_format=memory_format,
+                workers=default_workers() if cfg.workers is None else cfg.workers)
+
+
+def _resume(run: _Run) -> tuple[int, int]:
+    """Load the run checkpoint into the model, optimiser, scaler and RNGs; returns (epoch, step in epoch)."""
+    state = load_state(run.run_dir)
+    if state is None:
+        raise TrainingError(f"--resume: no run checkpoint in {run.run_dir}; start without --resume")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step = state["step"]
+    # Each rank continues from its own running statistics; the model's are rank 0's.
+    if run.info.enabled and not restore_running_stats(run.model, state.get("rank_running_stats", torch.zeros(0)),
+                                                      run.info):
+        run.log(f"the checkpoint holds no running statistics for {run.info.world_size} ranks: every rank resumes "
                 "from rank 0's")
-        set_rng_states(state["rng"])
-        log(f"resumed from {run_dir / 'state.pt'} at epoch {start_epoch}, step {start_step_in_epoch} of {steps_per_epoch}")
-    # A resumed run drops log lines past its checkpoint, so no step is logged twice.
-    logger = RunLogger(run_dir, rank=info.rank, purge_step=step + 1 if cfg.resume else None)
-    if not cfg.resume and info.is_main:
-        (run_dir / "recipe.json").write_text(json.dumps({"name": cfg.name, "recipe": recipe, "run": _run_options(cfg, plan)}, indent=2) + "\n")
+    set_rng_states(state["rng"])
+    run.log(f"resumed from {run.run_dir / 'state.pt'} at epoch {state['epoch']}, step {state['step_in_epoch']} of "
+            f"{run.sampler.steps_per_epoch}")
+    return state["epoch"], state["step_in_epoch"]
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        # A step can turn the weights non-finite while its own loss was finite: never save such a state.
-        finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-        if not all_finite(torch.tensor(1.0 if finite else float("nan")), info):
-            last = load_state(run_dir)
-            kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written"
-            raise TrainingError(f"non-finite weights or statistics after step {step}; stopped, {kept}; lower the learning rate")
-        rank_running_stats = gather_running_stats(model, info)
-        if info.is_main:
-            save_state(run_dir, model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                       epoch=epoch, step_in_epoch=step_in_epoch, step=step, rank_running_stats=rank_running_stats)
 
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    show_progress = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
-    autocast = (torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "float16" else torch.bfloat16)
-                if cfg.amp else contextlib.nullcontext())
-    val_metrics: dict = {}
-    stop = False
-    held = LossWindow(info)  # the losses of the steps since the last read
-    epochs_done = start_epoch
-    started = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        first = start_step_in_epoch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first)
-        data.train.set_epoch(epoch)
-        data.train.set_transform(data.final_transform if epoch >= epochs - final_epochs and data.final_transform else data.train_transform)
-        # Its own generator: creating a loader must not draw from the global RNG that dropout uses, or a
-        # resumed run would drift from an uninterrupted one (augmentation is seeded per sample anyway).
-        loader = DataLoader(data.train, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        model.train()
-        for module in _frozen_modules(model, cfg.freeze):
-            module.eval()
-        bar = _progress(show_progress, len(sampler), f"epoch {epoch}")
-        for step_in_epoch, (images, labels, _) in enumerate(loader, start=first):
-            lr = learning_rate(recipe["schedule"], peak, epoch, step_in_epoch, steps_per_epoch, epochs)
-            set_learning_rate(optimizer, lr)
-            if is_ssn:
-                set_sparsestmax_radius(model, sparsestmax_radius(epoch, step_in_epoch, steps_per_epoch, epochs))
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            loss_sum = torch.zeros((), device=device)
-            micro = list(zip(_split(images, plan.accum_steps), _split(labels, plan.accum_steps)))
-            step_statistics = StepStatistics(model, len(micro)) if len(micro) > 1 else None
-            for i, (x, y) in enumerate(micro):
-                sync = contextlib.nullcontext() if i == len(micro) - 1 or not info.enabled else net.no_sync()
-                with sync, autocast:
-                    loss = F.cross_entropy(net(x), y, label_smoothing=recipe.get("label_smoothing", 0.0))
-                scaler.scale(loss / len(micro)).backward()
-                loss_sum += loss.detach() / len(micro)
-                if step_statistics:
-                    step_statistics.micro_batch_done(last=i == len(micro) - 1)
-            held.add(loss_sum, epoch, step_in_epoch, lr)
-            log_now = (step + 1) % cfg.log_every == 0 or step_in_epoch == steps_per_epoch - 1
-            checkpoint_now = bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0 \
-                and step_in_epoch + 1 < steps_per_epoch
-            stop = bool(cfg.max_steps) and step + 1 >= cfg.max_steps
-            # Losses are read (and checked) where they are logged and before any checkpoint, so none is written
-            # after a non-finite loss; the sparsestmax forward cannot run on non-finite importance weights (and
-            # reads them on the host every step anyway), so SSN runs read every step.
-            if is_ssn or log_now or checkpoint_now or stop:
-                loss_value = _read_losses(held, run_dir)[-1]
-            if clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(importance_parameters(optimizer), clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if log_now:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}")
-                logger.log(step, "train", epoch=epoch, loss=loss_value, lr=lr,
-                           images_per_s=step * plan.global_batch / (time.perf_counter() - started))
-            if checkpoint_now:
-                checkpoint(epoch, step_in_epoch + 1)
-            if stop:
-                break
-        bar.close()
+def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: float) -> tuple[bool, int]:
+    """The steps of one epoch from step `first`; returns (stopped at --max-steps, steps run)."""
+    cfg, recipe, data, model, sampler = run.cfg, run.cfg.recipe, run.data, run.model, run.sampler
+    epochs, steps_per_epoch = recipe["epochs"], sampler.steps_per_epoch
+    final_epochs = ((recipe["augmentation"] or {}).get("final_phase") or {}).get("epochs", 0)
+    sampler.set_epoch(epoch, first)
+    data.train.set_epoch(epoch)
+    data.train.set_transform(data.final_transform if epoch >= epochs - final_epochs and data.final_transform
+                             else data.train_transform)
+    # Its own generator: creating a loader must not draw from the global RNG that dropout uses, or a
+    # resumed run would drift from an uninterrupted one (augmentation is seeded per sample anyway).
+    loader = DataLoader(data.train, batch_sampler=sampler, num_workers=run.workers,
+                        pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    for module in _frozen_modules(model, cfg.freeze):
+        module.eval()
+    show_progress = run.info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+    bar = _progress(show_progress, len(sampler), f"epoch {epoch}")
+    peak = peak_learning_rate(recipe)
+    is_ssn = bool(recipe.get("sparsestmax"))
+    stop, steps_run = False, 0
+    for step_in_epoch, (images, labels, _) in enumerate(loader, start=first):
+        lr = learning_rate(recipe["schedule"], peak, epoch, step_in_epoch, steps_per_epoch, epochs)
+        set_learning_rate(run.optimizer, lr)
+        if is_ssn:
+            set_sparsestmax_radius(model, sparsestmax_radius(epoch, step_in_epoch, steps_per_epoch, epochs))
+        held.add(_forward_backward(run, images, labels), epoch, step_in_epoch, lr)
+        log_now = (run.step + 1) % cfg.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+        checkpoint_now = bool(cfg.checkpoint_every) and (run.step + 1) % cfg.checkpoint_every == 0 \
+            and step_in_epoch + 1 < steps_per_epoch
+        stop = bool(cfg.max_steps) and run.step + 1 >= cfg.max_steps
+        # Losses are read (and checked) where they are logged and before any checkpoint, so none is written
+        # after a non-finite loss; the sparsestmax forward cannot run on non-finite importance weights (and
+        # reads them on the host every step anyway), so SSN runs read every step.
+        if is_ssn or log_now or checkpoint_now or stop:
+            loss_value = _read_losses(held, run.run_dir)[-1]
+        _optimizer_step(run)
+        run.step += 1
+        steps_run += 1
+        bar.update(1)
+        if log_now:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}")
+            run.logger.log(run.step, "train", epoch=epoch, loss=loss_value, lr=lr,
+                           images_per_s=run.step * run.plan.global_batch / (time.perf_counter() - started))
+        if checkpoint_now:
+            _checkpoint(run, epoch, step_in_epoch + 1)
         if stop:
-            checkpoint(epoch, step_in_epoch + 1)
             break
-        val_metrics = _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step, logger, log)
-        epochs_done = epoch + 1
-        checkpoint(epochs_done, 0)
-    # The exported weights hold the statistics averaged over ranks, whatever validation used.
-    average_running_stats(model, info)
-    summary = {"steps": step, "epochs_done": epochs_done, "stopped_early": stop,
-               "val": val_metrics, "seconds": time.perf_counter() - started, "plan": plan.description}
-    if info.is_main:
-        summary.update(export_run(run_dir, model, cfg, data, val_metrics))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(_done_line(summary))
-    logger.close()
-    return summary
+    bar.close()
+    return stop, steps_run
+
+
+def _forward_backward(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns the step's mean loss, left on the device."""
+    images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+    labels = labels.to(run.device, non_blocking=True)
+    label_smoothing = run.cfg.recipe.get("label_smoothing", 0.0)
+    loss_sum = torch.zeros((), device=run.device)
+    micro = list(zip(_split(images, run.plan.accum_steps), _split(labels, run.plan.accum_steps)))
+    step_statistics = StepStatistics(run.model, len(micro)) if len(micro) > 1 else None
+    for i, (x, y) in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not run.info.enabled else run.net.no_sync()
+        with sync, autocast(run.device, run.cfg.amp):
+            loss = F.cross_entropy(run.net(x), y, label_smoothing=label_smoothing)
+        run.scaler.scale(loss / len(micro)).backward()
+        loss_sum += loss.detach() / len(micro)
+        if step_statistics:
+            step_statistics.micro_batch_done(last=last)
+    return loss_sum
+
+
+def _optimizer_step(run: _Run) -> None:
+    clip = (run.cfg.recipe.get("sparsestmax") or {}).get("grad_clip_norm")
+    if clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(importance_parameters(run.optimizer), clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _checkpoint(run: _Run, epoch: int, step_in_epoch: int) -> None:
+    """Save the run state (rank 0), unless a step has turned the weights non-finite while its loss was finite."""
+    model = run.model
+    finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    if not all_finite(torch.tensor(1.0 if finite else float("nan")), run.info):
+        raise TrainingError(f"non-finite weights or statistics after step {run.step}; stopped, "
+                            f"{_last_good(run.run_dir)}; lower the learning rate")
+    rank_running_stats = gather_running_stats(model, run.info)
+    if run.info.is_main:
+        save_state(run.run_dir, model=model.state_dict(), optimizer=run.optimizer.state_dict(),
+                   scaler=run.scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, step=run.step,
+                   rank_running_stats=rank_running_stats)
+
+
+def _last_good(run_dir: Path) -> str:
+    """Where a stopped run can go on from, for the error that stops it."""
+    last = load_state(run_dir)
+    return f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else \
+        "no checkpoint was written yet"
 
 
 def _read_losses(held: LossWindow, run_dir: Path) -> list[float]:
@@ -322,16 +305,17 @@ def _read_losses(held: LossWindow, run_dir: Path) -> list[float]:
     if read.first_non_finite is None:
         return read.values
     at, value = read.steps[read.first_non_finite], read.values[read.first_non_finite]
-    last = load_state(run_dir)
-    kept = f"the last good checkpoint is {run_dir / 'state.pt'} (step {last['step']})" if last else "no checkpoint was written yet"
     raise TrainingError(f"non-finite loss ({value}) at epoch {at.epoch}, step {at.step_in_epoch} "
-                        f"(lr {at.lr:.4g}); stopped, {kept}; lower the learning rate or check the data")
+                        f"(lr {at.lr:.4g}); stopped, {_last_good(run_dir)}; lower the learning rate or check the data")
 
 
-def _end_of_epoch(model, data, recipe, info, plan, device, workers, epoch, step, logger, log) -> dict:
+def _end_of_epoch(run: _Run, epoch: int) -> dict:
     """Batch-average statistics where the recipe keeps them, then validation on rank 0: with the running
     statistics averaged over ranks where the recipe sets average_running_stats_before_eval, else with rank 0's own
     (as the original validated; the ranks then keep training with their own)."""
+    model, data, recipe, info, plan, device, workers = (run.model, run.data, run.cfg.recipe, run.info, run.plan,
+                                                        run.device, run.workers)
+    step, logger, log = run.step, run.logger, run.log
     batch_average = recipe.get("batch_average")
     if batch_average and batch_average_layers(model):
         loader = DataLoader(data.train_eval, batch_size=plan.process_batch, shuffle=True, num_workers=workers,
@@ -362,7 +346,7 @@ def _run_options(cfg: TrainConfig, plan: BatchPlan) -> dict:
     return options
 
 
-__all__ = ["TrainConfig", "TrainingError", "BatchPlan", "plan_batches", "synchronised_statistics", "train"]
+__all__ = ["TrainConfig", "BatchPlan", "plan_batches", "synchronised_statistics", "train"]
 
 
 def _done_line(summary: dict) -> str:

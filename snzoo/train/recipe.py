@@ -12,13 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from snzoo.errors import SnzooError
+from snzoo.errors import RecipeError
 
 REQUIRED = ("epochs", "batch", "optimizer", "lr", "schedule", "augmentation", "dropout", "label_smoothing")
-
-
-class RecipeError(SnzooError, ValueError):
-    """A recipe or recipe override that cannot be trained."""
 
 
 def _parse_value(text: str) -> Any:

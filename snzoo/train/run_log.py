@@ -18,21 +18,18 @@ import time
 import warnings
 from numbers import Real
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from snzoo.errors import SnzooError
+from snzoo._io import PathLike, atomic_write_text
+from snzoo.errors import MetricsLogError
+from snzoo.nn.importance import importance_weights
 
-PathLike = Union[str, Path]
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 IMPORTANCE_SPLIT = "importance"
 _RESERVED = ("step", "split", "time", "layers")
-
-
-class MetricsLogError(SnzooError, ValueError):
-    """A metrics log that is missing or holds lines that are not log records."""
 
 
 def _scalar(name: str, value: Any) -> float | int:
@@ -115,9 +112,6 @@ class RunLogger:
         """
         if not self.enabled:
             return
-        # Imported here: snzoo.plot reads this module's logs, and importing it at the top would be circular.
-        from snzoo.plot import importance_weights
-
         layers = importance_weights(model)
         record: dict[str, Any] = {"step": int(step)}
         if epoch is not None:
@@ -185,12 +179,7 @@ def _drop_from_step(path: Path, purge_step: int) -> None:
             record = _parse(line)
             if record is not None and int(record.get("step", 0)) < purge_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept), fsync=True)
 
 
 def _parse(line: str) -> Optional[dict]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from snzoo._io import atomic_path
 from snzoo.errors import CheckpointError
 
 STATE_FILE = "state.pt"
@@ -32,9 +32,8 @@ def set_rng_states(states: dict) -> None:
 def save_state(run_dir: Path, **state: Any) -> Path:
     """Write run_dir/state.pt through a temporary file, so a killed process leaves the previous one intact."""
     path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    torch.save(dict(state, rng=rng_states()), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(state, rng=rng_states()), tmp)
     return path
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Mapping, Optional
 
 from torch import Tensor
 
-import snzoo
+from snzoo._io import atomic_path, atomic_write_text
 from snzoo.errors import CheckpointError
+from snzoo.version import __version__
 from snzoo.weights.download import Digests, hash_file
 
 RECORD_SUFFIX = ".json"
@@ -26,28 +26,17 @@ def record_path(path: Path) -> Path:
     return path.with_name(path.name + RECORD_SUFFIX)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_safetensors(state_dict: Mapping[str, Tensor], dst: Path, metadata: Optional[dict] = None) -> Digests:
     """Write tensors to dst through a temporary file in the same directory, renamed into place when complete."""
     from safetensors.torch import save_file
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     # Checkpoints may hold views of one storage; safetensors needs each tensor to own its memory.
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    try:
+    with atomic_path(dst) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         digests = hash_file(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return digests
 
 
@@ -61,13 +50,13 @@ def write_canonical(
         "source_sha256": source.sha256,
         "source_md5": source.md5,
         "source_url": source_url,
-        "snzoo_version": snzoo.__version__,
+        "snzoo_version": __version__,
         "format": "pt",
     }
     digests = write_safetensors(state_dict, path, metadata)
     record = {"entry": entry_name, "sha256": digests.sha256, "size": digests.size,
               "source_sha256": source.sha256, "source_md5": source.md5, "source_url": source_url}
-    _atomic_write_text(record_path(path), json.dumps(record, indent=1) + "\n")
+    atomic_write_text(record_path(path), json.dumps(record, indent=1) + "\n")
     return path
 
 

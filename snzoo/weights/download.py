@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http
 import http.client
@@ -18,8 +17,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-import snzoo
-from snzoo.errors import SnzooError
+from snzoo._io import NoProgressBar, first_line
+from snzoo.errors import DownloadError
+from snzoo.version import __version__
 
 _CHUNK = 1 << 20
 _STREAM_CHUNK = 1 << 16
@@ -34,10 +34,6 @@ class Digests:
     sha256: str
     md5: str
     size: int
-
-
-class DownloadError(SnzooError):
-    """A file that could not be downloaded; the message says why and what to try."""
 
 
 def hash_file(path: Path) -> Digests:
@@ -156,7 +152,7 @@ class _Job:
             offset = self._truncate()
         # At most two requests: a resume, then (if the server will not resume) one from byte zero.
         while True:
-            headers = {"User-Agent": f"snzoo/{snzoo.__version__}", "Accept-Encoding": "identity"}
+            headers = {"User-Agent": f"snzoo/{__version__}", "Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             try:
@@ -284,14 +280,9 @@ class _Job:
 def _bar(show: bool, total: int | None, initial: int, name: str):
     # Even a disabled tqdm starts its monitor thread, so none is made unless it will be seen.
     if not show:
-        return contextlib.nullcontext(_NoBar())
+        return NoProgressBar()
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                 file=sys.stderr, leave=False)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 def _feed(path: Path, sha, md5, limit: int | None = None) -> int:
@@ -369,4 +360,4 @@ def _short(exc: BaseException) -> str:
     match = _ERRNO.search(text)
     if match:
         return match.group(1).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    return first_line(exc)

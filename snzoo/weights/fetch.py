@@ -17,26 +17,23 @@ from typing import Iterator, Optional
 
 from filelock import FileLock
 
-from snzoo.checkpoint import read_state_dict
-from snzoo.entry import Entry, Source
-from snzoo.errors import CheckpointError, SnzooError, WeightsNotAvailableError
+from snzoo._io import env_flag
+from snzoo.errors import CheckpointError, SnzooError, UnpinnedWeightsWarning, WeightsNotAvailableError
 from snzoo.weights.cache import cache_dir, cache_path
-from snzoo.weights.convert import canonical_file_name, read_record, record_path, verify_canonical, write_canonical
-from snzoo.weights.download import DownloadError
-from snzoo.weights.sources import fetch_to_partial, local_path, mirror_source, offline_mode, reachable_offline, source_kind
-from snzoo.weights.verify import ChecksumError, check_digests, check_structure, is_pinned
+from snzoo.weights.convert import read_record, record_path, verify_canonical, write_canonical
+from snzoo.errors import ChecksumError
 from snzoo.weights.download import hash_file
+from snzoo.weights.pins import check_digests, is_pinned
+from snzoo.weights.sources import fetch_to_partial, local_path, mirror_source, offline_mode, reachable_offline, source_kind
+from snzoo.weights.state_dict import read_state_dict
+from snzoo.zoo.entry import Entry, Source
 
 PARTIAL_SUFFIX = ".part"
 
 
-class UnpinnedWeightsWarning(UserWarning):
-    """Weights were accepted without a published checksum to compare with."""
-
-
 def require_pinned_default() -> bool:
     """SNZOO_REQUIRE_PINNED set to a true value."""
-    return os.environ.get("SNZOO_REQUIRE_PINNED", "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("SNZOO_REQUIRE_PINNED")
 
 
 def entry_lock(entry: Entry, directory: Path) -> FileLock:
@@ -119,7 +116,8 @@ def _offline_message(entry: Entry, directory: Path) -> str:
 
 
 def install_source(entry: Entry, source: Source, directory: Path, owned: bool, progress: Optional[bool] = None) -> Path:
-    """Fetch one source, verify it and convert it into the entry's canonical file; returns that file."""
+    """Fetch one source, verify it (checksums, then keys, shapes and values) and convert it into the entry's
+    canonical file; returns that file."""
     what = f"{entry.name} from {source.url}"
     if owned:
         partial = cache_path(source.file_name + PARTIAL_SUFFIX, directory)
@@ -131,7 +129,7 @@ def install_source(entry: Entry, source: Source, directory: Path, owned: bool, p
     try:
         check_digests(digests, source, what)
         state_dict = read_state_dict(candidate)
-        check_structure(state_dict, entry.architecture, what, **entry.model_kwargs())
+        entry.check_state_dict(state_dict, what)
     except (ChecksumError, CheckpointError):
         if owned:
             candidate.unlink(missing_ok=True)  # wrong bytes: never resume from them
@@ -162,7 +160,8 @@ def fetch_weights(
     progress: Optional[bool] = None,
 ) -> Path:
     """The verified canonical safetensors file of an entry, fetched and converted if needed.
-
+    Nothing enters the cache before its checksums and the entry's structural check
+    (`Entry.check_state_dict`) pass.
     file: a checkpoint the user downloaded by hand (verified like any source, then converted into the cache).
     source_url: try only this URL (or path, hf-hub:..., Google Drive link) instead of the manifest's sources.
     require_pinned: refuse sources without a published checksum (default: SNZOO_REQUIRE_PINNED).
@@ -208,5 +207,4 @@ def _refuse_unpinned(entry: Entry, source: Source, require_pinned: bool) -> None
         )
 
 
-__all__ = ["fetch_weights", "find_cached", "install_source", "UnpinnedWeightsWarning", "DownloadError",
-           "canonical_file_name"]
+__all__ = ["fetch_weights", "find_cached", "install_source", "require_pinned_default"]

@@ -1,4 +1,7 @@
-"""Getting the bytes of one source into a partial file: http(s), local files, Google Drive, Hugging Face Hub."""
+"""Getting the bytes of one source into a partial file: http(s), local files, Google Drive, Hugging Face Hub.
+
+The Hub is reached through one function, `hub_download`, for weights sources and `hf-hub:` model folders alike.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote, unquote, urlparse
 
-from snzoo.entry import Source
-from snzoo.weights.download import Digests, DownloadError, download_to_partial, hash_file
+from snzoo._io import env_flag, first_line
+from snzoo.errors import DownloadError, UnknownModelError, WeightsNotAvailableError
+from snzoo.version import __version__
+from snzoo.weights.download import Digests, download_to_partial, hash_file
+from snzoo.zoo.entry import Source
 
 HF_PREFIX = "hf-hub:"
 PACKAGE_PREFIX = "package:"
@@ -51,9 +57,11 @@ def parse_hf_url(url: str) -> HubFile:
     parts = url[len(HF_PREFIX):].split("/", 2)
     if len(parts) < 3 or not all(parts):
         raise DownloadError(f"{url!r} is not a Hugging Face Hub file; expected hf-hub:ORG/REPO[@REVISION]/FILE")
-    org, repo, filename = parts
-    repo, _, revision = repo.partition("@")
-    return HubFile(f"{org}/{repo}", filename, revision or None)
+    try:
+        repo_id, revision = parse_hub_repo("/".join(parts[:2]))
+    except UnknownModelError:
+        raise DownloadError(f"{url!r} is not a Hugging Face Hub file; expected hf-hub:ORG/REPO[@REVISION]/FILE") from None
+    return HubFile(repo_id, parts[2], revision)
 
 
 def mirror_source(base: str, source: Source) -> Source:
@@ -66,7 +74,7 @@ def mirror_source(base: str, source: Source) -> Source:
 
 def offline_mode() -> bool:
     """SNZOO_OFFLINE or HF_HUB_OFFLINE set to a true value: use only the cache and local files."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("SNZOO_OFFLINE", "HF_HUB_OFFLINE"))
+    return env_flag("SNZOO_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
 def reachable_offline(source: Source) -> bool:
@@ -132,13 +140,48 @@ def _gdown_reason(exc: Exception) -> str:
 
 
 def _hf_hub_file(url: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     hub = parse_hf_url(url)
+    return hub_download(hub.repo_id, hub.filename, hub.revision, url)
+
+
+def parse_hub_repo(spec: str) -> tuple[str, Optional[str]]:
+    """Split `ORG/REPO[@REVISION]` into the repo id and the revision (None: the default branch)."""
+    repo_id, at, revision = spec.partition("@")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or (at and not revision):
+        raise UnknownModelError(f"{spec!r} is not a Hugging Face Hub model; expected ORG/REPO or ORG/REPO@REVISION")
+    return repo_id, revision or None
+
+
+def hub_download(repo_id: str, filename: str, revision: Optional[str], label: str) -> Path:
+    """A file of a Hugging Face Hub repository through the huggingface_hub cache (only the cache when offline).
+
+    Any failure is one WeightsNotAvailableError line that starts with `label` and says why.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # Transport failures surface as the Hub client's HTTP library errors (requests, httpx or httpx2 by
+    # version), which share HfHubHTTPError's parent class but not always OSError.
+    transport = tuple(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
     try:
-        return Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, local_files_only=offline_mode()))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline_mode(),
+                                    library_name="snzoo", library_version=__version__))
     except LocalEntryNotFoundError:
-        raise DownloadError(f"{url}: not in the Hugging Face cache and the Hub is offline or unreachable") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise DownloadError(f"{url}: {str(exc).strip().splitlines()[0]}") from None
+        reason = (f"{filename} is not in the Hugging Face cache and the Hub is "
+                  + ("offline (SNZOO_OFFLINE / HF_HUB_OFFLINE)" if offline_mode() else "unreachable"))
+    except RepositoryNotFoundError:
+        reason = "no such repository on the Hub (or it is private or gated: log in with `hf auth login`)"
+    except RevisionNotFoundError:
+        reason = f"no revision {revision!r} in the repository"
+    except EntryNotFoundError:
+        reason = f"the repository has no {filename}"
+    except (HfHubHTTPError, OSError, ValueError, *transport) as exc:
+        reason = f"{filename}: {first_line(exc)}"
+    raise WeightsNotAvailableError(f"{label}: {reason}")

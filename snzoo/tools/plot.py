@@ -10,106 +10,27 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-import torch
-from torch import Tensor, nn
 
-from snzoo.errors import SnzooError
-
-PathLike = Union[str, Path]
+from snzoo._factory import create_model
+from snzoo._io import PathLike, atomic_path
+from snzoo.errors import PlotError
+from snzoo.nn.importance import importance_weights
+from snzoo.train.run_log import read_metrics
+from snzoo.weights import read_state_dict
 
 TERMS = ("in", "ln", "bn")
 TERM_LABELS = {"in": "IN", "ln": "LN", "bn": "BN"}
 # One fixed colour per term in every figure, so figures of different models compare at a glance.
 TERM_COLORS = {"in": "#1f77b4", "ln": "#2ca02c", "bn": "#d62728"}
-# Names of the terms of a state dict's weight vector by its length (see importance_weights).
-_TERMS_BY_COUNT = {3: ("in", "ln", "bn"), 2: ("in", "ln")}
 _CHECKPOINT_SUFFIXES = {".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors"}
-# Wrappers that prefix module names: DistributedDataParallel / DataParallel and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class PlotError(SnzooError, ValueError):
-    """Nothing to plot, or a plotting target that is neither a run directory, a checkpoint nor a zoo entry."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Importance weights
-
-
-def importance_weights(model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]]) -> dict[str, dict]:
-    """The mixing probabilities of every SN layer, in module order: {layer: {"terms", "mean", "var"}}.
-
-    From a model: each layer's own `importance_weights()` (softmax, or sparsestmax for SSN layers), with
-    the layer's own term names. From a state dict: softmax of `LAYER.mean_weight` / `LAYER.var_weight`
-    (sparsestmax at the stored radius, or the fixed one-hot, when the layer has SSN's `radius` buffer).
-    A state dict does not say which layer class wrote it, so 3 weights are named in, ln, bn and 2 are named
-    in, ln (SwitchNorm2d/3d with using_bn=False); the LN and BN weights of a SwitchNorm1d read from a state
-    dict are therefore mislabelled as in, ln. Pass the model to get SwitchNorm1d right.
-    """
-    if isinstance(model_or_state_dict, nn.Module):
-        return _from_model(model_or_state_dict)
-    if isinstance(model_or_state_dict, Mapping):
-        return _from_state_dict(model_or_state_dict)
-    raise TypeError(f"importance_weights takes a model or a state dict, got {type(model_or_state_dict).__name__}")
-
-
-def _strip_wrappers(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        while name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name
-
-
-def _record(terms, mean: Tensor, var: Tensor) -> dict:
-    return {"terms": list(terms), "mean": mean.detach().float().cpu().tolist(), "var": var.detach().float().cpu().tolist()}
-
-
-def _from_model(model: nn.Module) -> dict[str, dict]:
-    from snzoo.nn.switchnorm import _SwitchNorm
-
-    weights = {}
-    # no_grad: an SSN layer in training mode would otherwise fix its one-hot weights as a side effect.
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, _SwitchNorm):
-                mean, var = module.importance_weights()
-                weights[_strip_wrappers(name)] = _record(module.terms, mean, var)
-    return weights
-
-
-def _from_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, dict]:
-    from snzoo.nn.sparsestmax import sparsestmax
-
-    weights = {}
-    for key in state_dict:
-        if key != "mean_weight" and not key.endswith(".mean_weight"):
-            continue
-        prefix = key[: -len("mean_weight")]
-        var_key = prefix + "var_weight"
-        if var_key not in state_dict:
-            raise PlotError(f"state dict has {key} but no {var_key}; it is not from an SN layer")
-        raw = {"mean": state_dict[key].detach().float().reshape(-1), "var": state_dict[var_key].detach().float().reshape(-1)}
-        terms = _TERMS_BY_COUNT.get(raw["mean"].numel())
-        if terms is None or raw["var"].numel() != raw["mean"].numel():
-            raise PlotError(
-                f"{key} has {raw['mean'].numel()} and {var_key} {raw['var'].numel()} weights; SN layers have 2 or 3"
-            )
-        probs = {}
-        for stat in ("mean", "var"):
-            radius, fixed = state_dict.get(prefix + "radius"), state_dict.get(f"{prefix}{stat}_fixed")
-            if fixed is not None and bool(fixed.reshape(-1)[0]):
-                probs[stat] = torch.nn.functional.one_hot(raw[stat].argmax(), raw[stat].numel()).float()
-            elif radius is not None:
-                probs[stat] = sparsestmax(raw[stat], float(radius.reshape(-1)[0]))
-            else:
-                probs[stat] = torch.softmax(raw[stat], 0)
-        weights[_strip_wrappers(prefix.rstrip("."))] = _record(terms, probs["mean"], probs["var"])
-    return weights
 
 
 def short_layer_name(name: str) -> str:
@@ -138,15 +59,8 @@ def _save(fig, out_png: PathLike) -> Path:
     """Write the figure as PNG through a temporary file in the same folder, then rename it into place."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened exclusively, not mkstemp: mkstemp's 0600 mode would survive the rename.
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_png) as tmp, open(tmp, "xb") as f:
+        fig.savefig(f, format="png")
     return out_png
 
 
@@ -247,8 +161,6 @@ def plot_run(run_dir: PathLike, out_dir: Optional[PathLike] = None) -> list[Path
     top1.png: top-1 per epoch for every split that logs it (per step when no epoch is logged);
     lr.png: the learning rate per step; importance.png: the last importance record, when there is one.
     """
-    from snzoo.train.run_log import read_metrics
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -313,16 +225,12 @@ def checkpoint_importance(name_or_path: PathLike) -> dict[str, dict]:
     target = str(name_or_path)
     path = Path(target)
     if not _is_hub_name(target) and path.is_file():
-        from snzoo.checkpoint import read_state_dict
-
         weights, source = importance_weights(read_state_dict(path)), str(path)
     elif not _is_hub_name(target) and path.exists():
         raise PlotError(f"{path} is a directory without metrics.jsonl, not a run directory or a checkpoint file")
     elif not _is_hub_name(target) and (os.sep in target or "/" in target or path.suffix in _CHECKPOINT_SUFFIXES):
         raise PlotError(f"{path} does not exist; pass a run directory, a checkpoint file or a zoo entry name")
     else:
-        from snzoo.factory import create_model
-
         weights, source = importance_weights(create_model(target, pretrained=True)), target
     if not weights:
         raise PlotError(f"{source} has no SN layers (no mean_weight / var_weight); nothing to plot")
@@ -353,3 +261,6 @@ def plot_checkpoint(name_or_path: PathLike, out_png: Optional[PathLike] = None, 
     out_png = Path(out_png) if out_png is not None else default_importance_png(name_or_path)
     plot_importance(weights, out_png, title or f"{Path(str(name_or_path)).name}: importance weights")
     return weights
+
+
+__all__ = ["TERMS", "TERM_COLORS", "TERM_LABELS", "checkpoint_importance", "default_importance_png", "last_importance", "plot_checkpoint", "plot_importance", "plot_run", "short_layer_name", "smooth"]

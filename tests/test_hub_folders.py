@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import snzoo
-from snzoo import hf, zoo
-from snzoo.errors import CheckpointError, SnzooError, UnknownModelError, WeightsNotAvailableError
-from snzoo.hf import ExportError, ModelConfigError, export_config, export_hf, model_card
+from snzoo import hub, zoo
+from snzoo.errors import CheckpointError, ExportError, ModelConfigError, SnzooError, UnknownModelError, WeightsNotAvailableError
+from snzoo.hub import export_config, export_hf, model_card, publish
 from snzoo.weights import UnpinnedWeightsWarning
 
 ENTRY = "resnet50v2_sn.in1k_8x32_cos120"
@@ -172,7 +172,7 @@ def test_ssn_card_cites_both_papers_and_maps_licences():
     assert "@article{shao2019ssn" in card and "@article{luo2018switchable" in card
     assert "SparsestMax: radius schedule linear_0_to_1" in card and 'hf-hub:ORG/REPO' in card
     assert "step decay x0.1 at epochs 30, 60, 90" in card
-    assert hf.hf_license("MIT") == "mit" and hf.hf_license("Custom-1.0") == "other" and hf.hf_license(None) == "unknown"
+    assert hub.hf_license("MIT") == "mit" and hub.hf_license("Custom-1.0") == "other" and hub.hf_license(None) == "unknown"
     entry = snzoo.get_entry(ENTRY)
     custom = replace(entry, provenance={**entry.provenance, "license": "SenseTime Research License 1.0",
                                         "license_url": "https://example.org/license"})
@@ -224,7 +224,7 @@ def test_a_failure_mid_export_leaves_no_partial_folder(exported, tmp_path, monke
     def broken_card(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hf, "model_card", broken_card)
+    monkeypatch.setattr(publish, "model_card", broken_card)
     with pytest.raises(OSError, match="No space left"):
         export_hf(ENTRY, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
@@ -407,6 +407,6 @@ def test_hf_module_is_not_imported_by_plain_names():
     import subprocess
     import sys
 
-    code = "import sys, snzoo; snzoo.create_model('resnet18v1_sn'); print('snzoo.hf' in sys.modules)"
+    code = "import sys, snzoo; snzoo.create_model('resnet18v1_sn'); print('snzoo.hub' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

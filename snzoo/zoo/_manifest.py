@@ -14,14 +14,15 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jsonschema
 
-from snzoo.entry import Entry
+from snzoo._io import PathLike
+from snzoo._json_checks import expected, field_path, parse_json, read_text, show
 from snzoo.errors import ManifestError, UnknownModelError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from snzoo.models.registry import ARCHITECTURES, unknown_name_message
+from snzoo.zoo.entry import Entry
 
 SCHEMA_VERSION = 1
 _MANIFEST_FILE = "weights_manifest.json"
@@ -54,8 +55,6 @@ class Manifest:
 
     def get_entry(self, name: str) -> Entry:
         """An entry by ``ARCH.TAG``, or the default entry of a bare ``ARCH``."""
-        from snzoo.models.registry import unknown_name_message
-
         if name in self.entries:
             return self.entries[name]
         if "." in name:
@@ -63,7 +62,7 @@ class Manifest:
         entry = self.default_entry(name)
         if entry is not None:
             return entry
-        archs = registered_architectures()
+        archs = ARCHITECTURES
         with_weights = sorted({e.architecture for e in self.entries.values()})
         if name in archs:
             raise UnknownModelError(
@@ -92,11 +91,11 @@ def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None)
         resource = resources.files("snzoo") / _MANIFEST_FILE
         label = _MANIFEST_FILE
         base_path = Path(str(resource))
-        data = _parse_json(_read_text(resource, label), label)
+        data = parse_json(read_text(resource, label, "manifest", ManifestError), label, "manifest", ManifestError)
     else:
         base_path = Path(path)
         label = str(path)
-        data = _parse_json(_read_text(base_path, label), label)
+        data = parse_json(read_text(base_path, label, "manifest", ManifestError), label, "manifest", ManifestError)
 
     # Remember which file gave each entry and field, so an error names the file the user must edit.
     origins: dict[str, dict[str | None, str]] = {}
@@ -108,7 +107,7 @@ def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None)
     if overlay is not None:
         overlay_path = Path(overlay)
         ov_label = str(overlay)
-        ov = _parse_json(_read_text(overlay_path, ov_label), ov_label)
+        ov = parse_json(read_text(overlay_path, ov_label, "manifest", ManifestError), ov_label, "manifest", ManifestError)
         _raise_first(_overlay_validator().iter_errors(ov), ov, {}, ov_label)
         for name, fields in ov["entries"].items():
             if name in data["entries"]:
@@ -125,68 +124,28 @@ def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None)
     return Manifest(entries=entries, path=base_path, overlay=overlay_path)
 
 
-def _read_text(resource: Any, label: str) -> str:
-    try:
-        return resource.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{label}: no such manifest file") from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ManifestError(f"{label}: cannot read the manifest ({exc.strerror or exc})") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys silently: a copy-pasted entry would hide the one above it.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    # NaN passes every numeric bound in JSON Schema, so it must not get that far.
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-def _parse_json(text: str, label: str) -> Any:
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except _DuplicateKey as exc:
-        raise ManifestError(f"{label}: invalid manifest: the key {exc.args[0]!r} appears twice in one object") from None
-    except ValueError as exc:
-        raise ManifestError(f"{label}: invalid JSON: {exc}") from None
-
-
 # --------------------------------------------------------------------------------------------- schema
 
 
 _validators: dict[str, jsonschema.Draft202012Validator] = {}
 
 
-def _schema() -> dict[str, Any]:
-    text = (resources.files("snzoo") / _SCHEMA_FILE).read_text(encoding="utf-8")
+def manifest_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema (a fresh copy; model folders' config.json reuses its definitions)."""
+    text = (resources.files("snzoo.zoo") / _SCHEMA_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
 
 def _validator() -> jsonschema.Draft202012Validator:
     if "manifest" not in _validators:
-        _validators["manifest"] = jsonschema.Draft202012Validator(_schema())
+        _validators["manifest"] = jsonschema.Draft202012Validator(manifest_schema())
     return _validators["manifest"]
 
 
 def _overlay_validator() -> jsonschema.Draft202012Validator:
     # An overlay's entries may be partial (only the fields they replace); the merged result gets the full schema.
     if "overlay" not in _validators:
-        schema = _schema()
+        schema = manifest_schema()
         _validators["overlay"] = jsonschema.Draft202012Validator({
             "type": "object",
             "required": ["schema_version", "entries"],
@@ -207,60 +166,16 @@ def _overlay_validator() -> jsonschema.Draft202012Validator:
     return _validators["overlay"]
 
 
-_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-               "object": "an object", "array": "a list", "null": "null"}
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        text = repr(value)
-    else:
-        text = json.dumps(value, separators=(", ", ": "), default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _expected(error: jsonschema.ValidationError) -> str:
-    if isinstance(error.schema, dict) and "x-expected" in error.schema:
-        return error.schema["x-expected"]
-    v, value = error.validator, error.validator_value
-    if v == "type":
-        types = [value] if isinstance(value, str) else list(value)
-        return " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-    if v == "enum":
-        return "one of " + ", ".join(_show(x) for x in value)
-    if v == "const":
-        return _show(value)
-    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-    if v in bounds:
-        return f"a number {bounds[v]} {value}"
-    if v == "minItems":
-        return f"at least {value} item{'s' if value != 1 else ''}"
-    if v == "maxItems":
-        return f"at most {value} item{'s' if value != 1 else ''}"
-    if v == "minLength":
-        return "a non-empty string" if value == 1 else f"at least {value} characters"
-    if v == "pattern":
-        return f"a string matching {value}"
-    return error.message
-
-
-def _field_path(parts: list[Any]) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def _where(path: list[Any], origins: Mapping[str, Mapping[str | None, str]], label: str) -> tuple[str, str]:
     """The file to blame and the 'entry ..., field ...' words for a path into the manifest."""
     if len(path) >= 2 and path[0] == "entries":
         name, rest = path[1], path[2:]
         files = origins.get(name, {})
         blamed = files.get(rest[0] if rest else None, files.get(None, label))
-        where = f"entry {name!r}" + (f", field {_field_path(rest)!r}" if rest else "")
+        where = f"entry {name!r}" + (f", field {field_path(rest)!r}" if rest else "")
         return blamed, where
     if path:
-        return label, f"field {_field_path(path)!r}"
+        return label, f"field {field_path(path)!r}"
     return label, "the top level"
 
 
@@ -270,9 +185,9 @@ def _message(error: jsonschema.ValidationError, origins: Mapping[str, Mapping[st
     if "propertyNames" in error.absolute_schema_path:
         # A key (not a value) is wrong; error.instance is the key itself.
         if path == ["entries"]:
-            return f"{label}: entry name {_show(error.instance)} is not valid (expected {_expected(error)})"
+            return f"{label}: entry name {show(error.instance)} is not valid (expected {expected(error)})"
         blamed, where = _where(path, origins, label)
-        return f"{blamed}: {where}: key {_show(error.instance)} is not valid (expected {_expected(error)})"
+        return f"{blamed}: {where}: key {show(error.instance)} is not valid (expected {expected(error)})"
     if v == "required" and isinstance(error.instance, dict):
         missing = next((k for k in error.validator_value if k not in error.instance), error.validator_value[0])
         blamed, where = _where(path + [missing], origins, label)
@@ -283,7 +198,7 @@ def _message(error: jsonschema.ValidationError, origins: Mapping[str, Mapping[st
         blamed, where = _where(path + [extra], origins, label)
         return f"{blamed}: {where} is not a known field (known: {', '.join(known)})"
     blamed, where = _where(path, origins, label)
-    return f"{blamed}: {where}: {_show(error.instance)} is not valid (expected {_expected(error)})"
+    return f"{blamed}: {where}: {show(error.instance)} is not valid (expected {expected(error)})"
 
 
 def _raise_first(errors: Any, data: Any, origins: Mapping[str, Mapping[str | None, str]], label: str) -> None:
@@ -310,22 +225,9 @@ def _raise_first(errors: Any, data: Any, origins: Mapping[str, Mapping[str | Non
 # --------------------------------------------------------------------------------------------- semantics
 
 
-def registered_architectures() -> Mapping[str, Any]:
-    """The registered architectures; empty when the models package cannot be imported."""
-    try:
-        import snzoo.models  # noqa: F401  (importing it registers the architectures)
-        from snzoo.models import registry
-    except ImportError:
-        return {}
-    return registry.ARCHITECTURES
-
-
-def _norm_of(architecture: str, archs: Mapping[str, Any]) -> str | None:
-    spec = archs.get(architecture)
-    if spec is not None:
-        return spec.norm
-    suffix = architecture.rsplit("_", 1)[-1]
-    return suffix if suffix in ("sn", "ssn", "bn", "gn") else None
+def _norm_of(architecture: str) -> str | None:
+    spec = ARCHITECTURES.get(architecture)
+    return None if spec is None else spec.norm
 
 
 def _bad_file_name(name: str) -> bool:
@@ -335,10 +237,6 @@ def _bad_file_name(name: str) -> bool:
 
 
 def _check_semantics(entries: Mapping[str, Any], origins: Mapping[str, Mapping[str | None, str]]) -> None:
-    from snzoo.models.registry import unknown_name_message
-
-    archs = registered_architectures()
-
     def fail(name: str, field_parts: list[Any], problem: str) -> None:
         blamed, where = _where(["entries", name, *field_parts], origins, "")
         raise ManifestError(f"{blamed}: {where}: {problem}")
@@ -350,17 +248,17 @@ def _check_semantics(entries: Mapping[str, Any], origins: Mapping[str, Mapping[s
         prefix = name.split(".", 1)[0]
         if arch != prefix:
             fail(name, ["architecture"],
-                 f"{_show(arch)} is not valid (expected {prefix!r}, the part of the entry name before the dot)")
-        if archs and arch not in archs:
-            fail(name, ["architecture"], unknown_name_message("architecture", arch, archs))
-        norm = _norm_of(arch, archs)
+                 f"{show(arch)} is not valid (expected {prefix!r}, the part of the entry name before the dot)")
+        if arch not in ARCHITECTURES:
+            fail(name, ["architecture"], unknown_name_message("architecture", arch, ARCHITECTURES))
+        norm = _norm_of(arch)
         if norm is not None and raw["norm"]["type"] != norm:
             fail(name, ["norm", "type"],
-                 f"{_show(raw['norm']['type'])} is not valid (expected {norm!r}, the norm of {arch!r})")
+                 f"{show(raw['norm']['type'])} is not valid (expected {norm!r}, the norm of {arch!r})")
         for i, source in enumerate(raw["sources"]):
             if _bad_file_name(source["file_name"]):
                 fail(name, ["sources", i, "file_name"],
-                     f"{_show(source['file_name'])} is not valid (expected a plain file name: no directories, "
+                     f"{show(source['file_name'])} is not valid (expected a plain file name: no directories, "
                      f"no '..', not absolute)")
         ev = raw["eval"]
         if ev["crop"] > ev["resize"]:

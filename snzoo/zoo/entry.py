@@ -6,6 +6,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from torch import Tensor
+
+from snzoo.models import check_state_dict
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,17 @@ class NormConfig:
     using_moving_average: bool
     momentum: float
     last_gamma: bool
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NormConfig:
+        """From its JSON form (a manifest entry's or a model folder's `norm`, already validated)."""
+        return cls(type=data["type"], using_bn=data["using_bn"], using_moving_average=data["using_moving_average"],
+                   momentum=float(data["momentum"]), last_gamma=data["last_gamma"])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The norm's keyword arguments for an architecture's builder."""
+        return {"using_bn": self.using_bn, "using_moving_average": self.using_moving_average,
+                "momentum": self.momentum, "last_gamma": self.last_gamma}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as in the manifest."""
@@ -97,16 +111,13 @@ class Entry:
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> Entry:
         """Build an entry from its manifest JSON (already validated)."""
         arch, _, tag = name.partition(".")
-        norm = data["norm"]
         ev = data["eval"]
         return cls(
             name=name,
             architecture=data["architecture"],
             tag=tag,
             default=bool(data["default"]),
-            norm=NormConfig(type=norm["type"], using_bn=norm["using_bn"],
-                            using_moving_average=norm["using_moving_average"],
-                            momentum=float(norm["momentum"]), last_gamma=norm["last_gamma"]),
+            norm=NormConfig.from_dict(data["norm"]),
             # JSON Schema counts 1000.0 as an integer; builders want a real int.
             num_classes=int(data["num_classes"]),
             sources=tuple(Source(url=s["url"], kind=s["kind"], format=s["format"], file_name=s["file_name"],
@@ -123,9 +134,11 @@ class Entry:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the architecture's builder that reproduce the trained model."""
-        return {"num_classes": self.num_classes, "using_bn": self.norm.using_bn,
-                "using_moving_average": self.norm.using_moving_average, "momentum": self.norm.momentum,
-                "last_gamma": self.norm.last_gamma}
+        return {"num_classes": self.num_classes, **self.norm.model_kwargs()}
+
+    def check_state_dict(self, state_dict: Mapping[str, Tensor], what: str) -> None:
+        """Raise CheckpointError (one line naming `what`) unless the state dict loads into this entry's model."""
+        check_state_dict(state_dict, self.architecture, what, **self.model_kwargs())
 
     def learning_rate(self) -> float:
         """The recipe's peak learning rate: base * devices * per_device / reference_batch."""

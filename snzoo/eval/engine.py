@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -13,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from snzoo._io import NoProgressBar
+from snzoo._torch_utils import autocast
 from snzoo.data import BadImageError, EvalBatch, collate_skip_bad
 
 
@@ -67,13 +68,6 @@ def make_loader(dataset: Dataset, batch_size: int = 64, workers: Optional[int] =
     )
 
 
-def _autocast(device: torch.device, amp: Union[bool, str]):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "float16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, list]:
     if isinstance(batch, EvalBatch):
         return batch.images, batch.labels, [s._asdict() for s in batch.skipped]
@@ -84,7 +78,7 @@ def _bad_image_line(exc: BaseException) -> str:
     # DataLoader workers re-raise with the worker's traceback as the message; its last line is ours.
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(exc).__name__
-    return last.split(": ", 1)[1] if last.startswith(("BadImageError:", "snzoo.data.datasets.BadImageError:")) else last
+    return last.split(": ", 1)[1] if last.startswith(("BadImageError:", "snzoo.errors.BadImageError:")) else last
 
 
 def evaluate(
@@ -123,7 +117,7 @@ def evaluate(
     skipped: list[dict] = []
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), autocast(device, amp):
             for batch in loader:
                 images, labels, bad = _unpack(batch)
                 skipped.extend(bad)
@@ -180,20 +174,9 @@ def evaluate(
     return result
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress_bar(show: bool, loader):
     if not show:
-        return _NoBar()
+        return NoProgressBar()
     from tqdm import tqdm
 
     total = len(loader.dataset) if hasattr(loader, "dataset") else None

@@ -1,4 +1,4 @@
-"""Reading checkpoints safely and loading them into models with a readable report of any mismatch."""
+"""Reading checkpoint files into state dicts safely: safetensors, the original format, bare state dicts."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterable, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from snzoo._io import PathLike, first_line
 from snzoo.errors import CheckpointError
-
-PathLike = Union[str, Path]
-CLASSIFIER_PREFIX = "fc."
 
 
 def is_safetensors_file(path: PathLike) -> bool:
@@ -55,7 +52,7 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
         try:
             return strip_prefix(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,7 +75,7 @@ def _weights_only_reason(exc: BaseException) -> str:
     for line in lines:
         if "global" in line.lower() or "Unsupported operand" in line:
             return line[:200]
-    return _first_line(exc, 120)
+    return first_line(exc, 120)
 
 
 def _unreadable_message(path: Path, exc: BaseException, reason: str = "") -> str:
@@ -87,7 +84,7 @@ def _unreadable_message(path: Path, exc: BaseException, reason: str = "") -> str
     if head.startswith((b"<!doctype html", b"<html")):
         return f"{path}: cannot be read as a PyTorch checkpoint: it is an HTML page (a download that got a web page instead of the file)"
     return (
-        f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {reason or _first_line(exc, 120)}); "
+        f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {reason or first_line(exc, 120)}); "
         "the file may be truncated or not a checkpoint"
     )
 
@@ -111,72 +108,3 @@ def extract_state_dict(obj: object, path: PathLike = "checkpoint") -> dict[str, 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
     """Remove the DataParallel / DistributedDataParallel prefix from every key that has it."""
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
-
-
-def _sample(keys: Iterable[str], limit: int = 4) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", +{len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _shape(t: Tensor) -> str:
-    return "x".join(map(str, t.shape)) or "scalar"
-
-
-def compare_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Tensor], skip_classifier: bool = False
-) -> tuple[list[str], list[str], list[str]]:
-    """Keys the checkpoint lacks, keys the model lacks, and keys whose shapes differ."""
-    expected = model.state_dict()
-    keep = (lambda k: not k.startswith(CLASSIFIER_PREFIX)) if skip_classifier else (lambda k: True)
-    missing = [k for k in expected if keep(k) and k not in state_dict]
-    unexpected = [k for k in state_dict if keep(k) and k not in expected]
-    mismatched = [
-        k for k in expected if keep(k) and k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    return missing, unexpected, mismatched
-
-
-def _hint(model: nn.Module, state_dict: Mapping[str, Tensor], missing, unexpected, mismatched) -> str:
-    expected = model.state_dict()
-    if any(k.endswith(("mean_weight", "var_weight")) for k in mismatched) or (
-        missing and all(k.endswith(("running_mean", "running_var")) for k in missing) and not unexpected
-    ):
-        return "; the checkpoint's SN layers differ in using_bn (pass using_bn=False for [IN, LN] checkpoints)"
-    if mismatched and all(k.startswith(CLASSIFIER_PREFIX) for k in mismatched):
-        n = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else "?"
-        return f"; the checkpoint has {n} classes, the model {expected['fc.weight'].shape[0]}: pass num_classes"
-    if any(k.endswith(("mean_fixed", "var_fixed", "radius")) for k in list(missing) + list(unexpected)):
-        return "; SN and SSN checkpoints differ (SSN layers carry mean_fixed, var_fixed and radius)"
-    return ""
-
-
-def load_checked(
-    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint", skip_classifier: bool = False
-) -> None:
-    """Load a state dict after checking every key and shape; one error line describes any difference.
-
-    skip_classifier leaves the model's own (freshly initialised) classifier in place.
-    """
-    missing, unexpected, mismatched = compare_state_dict(model, state_dict, skip_classifier)
-    if missing or unexpected or mismatched:
-        expected = model.state_dict()
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_sample(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_sample(unexpected)})")
-        if mismatched:
-            shapes = [f"{k}: checkpoint {_shape(state_dict[k])} vs model {_shape(expected[k])}" for k in mismatched]
-            parts.append(f"{len(mismatched)} shape mismatches ({_sample(shapes, 3)})")
-        name = getattr(model, "architecture", type(model).__name__)
-        hint = _hint(model, state_dict, missing, unexpected, mismatched)
-        raise CheckpointError(f"{source} does not match {name}: {'; '.join(parts)}{hint}")
-    if skip_classifier:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIX)}
-    model.load_state_dict(state_dict, strict=not skip_classifier)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from torch import nn
 
-import snzoo
 from snzoo import zoo
+from snzoo.data.fashion_mnist import FASHION_MNIST
+from snzoo._torch_utils import input_channels
+from snzoo.models import check_state_dict
 from snzoo.nn import switchnorm_layers
-from snzoo.weights.convert import write_safetensors
+from snzoo.version import __version__
+from snzoo.weights import read_state_dict, write_safetensors
 
 PROVENANCE = {"paper": "arXiv:1806.10779", "repository": "snzoo", "license": "Apache-2.0"}
 
@@ -21,7 +24,7 @@ def default_entry_name(cfg, data) -> str:
         return cfg.name
     arch = cfg.name.split(".")[0]
     recipe = cfg.recipe
-    dataset = "fmnist" if data.val_name.startswith("fashion-mnist") else "".join(
+    dataset = "fmnist" if data.val_name.startswith(FASHION_MNIST) else "".join(
         c if c.isalnum() else "_" for c in data.val_name.lower().removesuffix("-val"))
     schedule = "cos" if recipe["schedule"]["type"] == "cosine" else "step"
     tag = f"{dataset}_{recipe['batch']['devices']}x{recipe['batch']['per_device']}_{schedule}{recipe['epochs']}"
@@ -42,7 +45,7 @@ def export_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict) ->
     name = cfg.entry_name or default_entry_name(cfg, data)
     arch = name.split(".")[0]
     weights = Path(run_dir) / f"{name}.safetensors"
-    digests = write_safetensors(model.state_dict(), weights, {"entry": name, "snzoo_version": snzoo.__version__, "format": "pt"})
+    digests = write_safetensors(model.state_dict(), weights, {"entry": name, "snzoo_version": __version__, "format": "pt"})
     metrics = {val_metrics["dataset"]: {"top1": round(val_metrics["top1"], 2), "top5": round(val_metrics["top5"], 2)}} \
         if val_metrics else {data.val_name: {"top1": None, "top5": None}}
     shipped = zoo.load_manifest()  # the entry is checked against the shipped manifest
@@ -63,5 +66,9 @@ def export_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict) ->
     }
     path = Path(run_dir) / "entry.json"
     path.write_text(json.dumps({"schema_version": 1, "entries": {name: entry}}, indent=2) + "\n")
-    zoo.load_manifest(overlay=path)  # manifest-ready means it validates
+    # Manifest-ready means it validates, and its weights load into the entry's architecture built with the entry's
+    # arguments (and the run's input channels, which a manifest entry does not record).
+    written = zoo.load_manifest(overlay=path).entries[name]
+    check_state_dict(read_state_dict(weights), arch, str(weights), **written.model_kwargs(),
+                     in_chans=input_channels(model))
     return {"entry_name": name, "weights": str(weights), "sha256": digests.sha256, "entry": str(path)}

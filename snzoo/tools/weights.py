@@ -1,4 +1,8 @@
-"""What `snzoo verify`, `convert` and `pin` do: re-check cached files, convert users' checkpoints, pin files."""
+"""Weights maintenance: fetch checked weights, re-check cached files, convert users' checkpoints, pin files.
+
+What `snzoo download`, `verify`, `convert` and `pin` do; every structural check goes through the builder's
+(`snzoo.models.check_state_dict`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,32 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
-from snzoo.entry import Entry
+from snzoo._io import atomic_path
 from snzoo.errors import ManifestError, WeightsNotAvailableError
-from snzoo.weights.cache import cache_dir
-from snzoo.weights.convert import read_record, verify_canonical, write_safetensors
-from snzoo.weights.download import hash_file
-from snzoo.weights.fetch import cached_canonical
-from snzoo.weights.verify import check_digests, check_structure, infer_model_kwargs, is_pinned
+from snzoo.models import check_state_dict, infer_model_kwargs
+from snzoo.version import __version__
+from snzoo.weights import (
+    cache_dir,
+    cached_canonical,
+    check_digests,
+    fetch_weights,
+    hash_file,
+    is_pinned,
+    read_record,
+    read_state_dict,
+    write_safetensors,
+)
+from snzoo.weights.convert import verify_canonical
+from snzoo.zoo import Entry
+
+
+def download(name: str, **fetch_options) -> Path:
+    """Fetch, verify and convert the weights of a zoo entry into the cache; returns the canonical file.
+
+    fetch_options go to `snzoo.weights.fetch_weights` (file, source_url, require_pinned, offline, progress).
+    """
+    return fetch_weights(zoo.get_entry(name), **fetch_options)
 
 
 def verify_entry(name: str) -> dict:
@@ -28,7 +48,7 @@ def verify_entry(name: str) -> dict:
     path = files[0]
     digests = verify_canonical(path, full=True)
     record = read_record(path) or {}
-    check_structure(read_state_dict(path), entry.architecture, str(path), **entry.model_kwargs())
+    entry.check_state_dict(read_state_dict(path), str(path))
     pins = [s for s in entry.sources if is_pinned(s)]
     return {
         "name": entry.name,
@@ -58,7 +78,7 @@ def verify_file(path: os.PathLike | str, architecture: Optional[str] = None) -> 
               "tensors": len(state_dict), "entries": _matching_entries(digests.sha256, digests.md5), "ok": True}
     if architecture:
         kwargs = infer_model_kwargs(state_dict)
-        check_structure(state_dict, architecture, str(path), **kwargs)
+        check_state_dict(state_dict, architecture, str(path), **kwargs)
         report.update(architecture=architecture, **kwargs)
     return report
 
@@ -68,9 +88,9 @@ def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architect
     src, dst = Path(src), Path(dst)
     state_dict = read_state_dict(src)
     kwargs = {**infer_model_kwargs(state_dict), **overrides}
-    check_structure(state_dict, architecture, str(src), **kwargs)
+    check_state_dict(state_dict, architecture, str(src), **kwargs)
     source = hash_file(src)
-    metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": snzoo.__version__,
+    metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": __version__,
                 "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
     digests = write_safetensors(state_dict, dst, metadata)
     return {"src": str(src), "dst": str(dst), "architecture": architecture, "sha256": digests.sha256,
@@ -90,7 +110,7 @@ def pin_file(name: str, path: os.PathLike | str, manifest_path: Optional[os.Path
     source_index = next((i for i, s in enumerate(entry.sources) if s.file_name == path.name), 0)
     source = entry.sources[source_index]
     check_digests(digests, source, str(path))  # a file that contradicts a published checksum is not pinned
-    check_structure(read_state_dict(path), entry.architecture, str(path), **entry.model_kwargs())
+    entry.check_state_dict(read_state_dict(path), str(path))
     pins = {"sha256": digests.sha256, "md5": digests.md5, "size": digests.size}
     result = {"name": entry.name, "file": str(path), "source": source_index, **pins}
     if manifest_path is not None:
@@ -109,12 +129,10 @@ def _write_pins(manifest_path: Path, entry: Entry, index: int, pins: dict) -> No
     sources = target.get("sources") or [s.to_dict() for s in entry.sources]
     sources[index] = {**sources[index], "sha256": pins["sha256"], "md5": pins["md5"], "size": pins["size"]}
     target["sources"] = sources
-    tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    try:
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         # Validated as an overlay on the shipped manifest: right for overlays and for a full manifest alike.
         zoo.load_manifest(overlay=tmp)
-    except ManifestError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, manifest_path)
+
+
+__all__ = ["convert_checkpoint", "download", "pin_file", "verify_entry", "verify_file"]

@@ -1,7 +1,7 @@
 """Throughput of a model: evaluation and training images per second on random data.
 
-    import snzoo.bench
-    snzoo.bench.benchmark_model("resnet50v1_sn", batch=8, size=224)
+    from snzoo.tools.bench import benchmark_model
+    benchmark_model("resnet50v1_sn", batch=8, size=224)
 
 The numbers depend on the machine and on what else runs on it; compare models measured in the same process
 (the scripts under benchmarks/ report such ratios) rather than numbers taken at different times.
@@ -9,7 +9,6 @@ The numbers depend on the machine and on what else runs on it; compare models me
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from typing import Callable, Optional, Union
@@ -17,15 +16,11 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from snzoo.errors import SnzooError
+from snzoo._factory import create_model
+from snzoo._torch_utils import AMP_DTYPES, autocast, input_channels
+from snzoo.errors import BenchmarkError
 from snzoo.nn import cpu_kernels
 from snzoo.nn.functional import get_implementation
-
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-class BenchmarkError(SnzooError, ValueError):
-    """Benchmark settings that cannot run here (a device that is absent, a bad size or dtype)."""
 
 
 def benchmark_model(
@@ -45,7 +40,6 @@ def benchmark_model(
     amp: None, "bfloat16" or "float16" (autocast; float16 training uses a gradient scaler).
     Returns the throughputs, the milliseconds per batch, and the settings, thread count and torch version.
     """
-    from snzoo.factory import create_model
 
     torch_device = _check_settings(batch, size, device, amp, steps, warmup)
     if isinstance(name_or_model, nn.Module):
@@ -54,16 +48,16 @@ def benchmark_model(
     else:
         name = name_or_model
         model = create_model(name_or_model)
-    in_chans = _input_channels(model)
+    in_chans = (input_channels(model) or 3)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(torch_device, memory_format=memory_format)
     generator = torch.Generator().manual_seed(0)  # leave the caller's global RNG untouched
     images = torch.randn(batch, in_chans, size, size, generator=generator)
     images = images.to(torch_device, memory_format=memory_format)
-    autocast = _autocast(torch_device, amp)
+    mixed_precision = autocast(torch_device, amp)
 
     model.eval()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), mixed_precision:
         num_classes = model(images).shape[1]
 
         def eval_step() -> None:
@@ -79,16 +73,7 @@ def benchmark_model(
     model.train()
 
     def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(torch_device, amp):
-            loss = loss_fn(model(images), labels)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        training_step(model, images, labels, optimizer, loss_fn, lambda: autocast(torch_device, amp), scaler)
 
     train_s = _time(train_step, torch_device, steps, warmup)
     return {
@@ -138,18 +123,20 @@ def _amp_name(amp: Optional[str]) -> Optional[str]:
     return None if amp is None else str(AMP_DTYPES[amp]).replace("torch.", "")
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
-def _input_channels(model: nn.Module) -> int:
-    # The CIFAR-style models take one channel (Fashion-MNIST), the ImageNet ones three: ask the first conv.
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
+def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  loss_fn: Callable, mixed_precision: Callable, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """One training step as the benchmarks time it: zero_grad, forward under `mixed_precision()`, backward and
+    optimizer step (through the GradScaler when given)."""
+    optimizer.zero_grad(set_to_none=True)
+    with mixed_precision():
+        loss = loss_fn(model(images), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def _time(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
@@ -163,3 +150,6 @@ def _time(step: Callable[[], None], device: torch.device, steps: int, warmup: in
         step()
     sync()
     return time.perf_counter() - start
+
+
+__all__ = ["benchmark_model", "training_step"]

@@ -1,9 +1,7 @@
-"""Evaluating zoo entries and users' checkpoints with the 1-crop protocol, and timm-style results files."""
+"""Evaluating zoo entries and users' checkpoints with the 1-crop protocol (what `snzoo eval` runs)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 from functools import lru_cache
@@ -14,24 +12,17 @@ from typing import Optional, Sequence, Union
 from torchvision import transforms
 
 from snzoo import zoo
-from snzoo.checkpoint import load_checked, read_state_dict
+from snzoo._factory import create_model
 from snzoo.data import DataError, build_eval_dataset, eval_transform_from_config
-from snzoo.data.fashion_mnist import FashionMNIST
-from snzoo.entry import EvalConfig
-from snzoo.evaluate import EvalResult, evaluate
-from snzoo.factory import create_model
-from snzoo.models import get_architecture
-from snzoo.weights.convert import read_record
-from snzoo.weights.download import hash_file
-from snzoo.weights.fetch import fetch_weights
-from snzoo.weights.verify import infer_model_kwargs
+from snzoo.data.fashion_mnist import FASHION_MNIST, FashionMNIST
+from snzoo.eval.engine import EvalResult, evaluate
+from snzoo.models import build_model, infer_model_kwargs
+from snzoo.weights import fetch_weights, hash_file, read_record, read_state_dict
+from snzoo.zoo import EvalConfig
 
 IMAGENET_EVAL = EvalConfig(dataset="imagenet-1k-val", resize=256, crop=224, interpolation="bilinear",
                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-FASHION_MNIST = "fashion-mnist"
 WNID = re.compile(r"^n\d{8}$")
-RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
-                  "interpolation", "n", "images_per_s", "checkpoint_sha256"]
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +65,7 @@ def evaluate_model(
 
     The eval config is the entry's (ImageNet 1-crop: resize 256, crop 224, bilinear, for bare checkpoints),
     with resize / crop / interpolation overrides; the result records the config used. engine_options go to
-    `snzoo.evaluate.evaluate` (batch_size, workers, device, amp, channels_last, limit, per_class, progress).
+    `snzoo.eval.evaluate` (batch_size, workers, device, amp, channels_last, limit, per_class, progress).
     """
     entry = zoo.get_entry(name) if name and (checkpoint is None or "." in name) else None
     if checkpoint is not None:
@@ -83,9 +74,8 @@ def evaluate_model(
             raise DataError("evaluating a checkpoint needs its architecture: pass --arch ARCH (or an entry name)")
         state_dict = read_state_dict(checkpoint)
         kwargs = {**(entry.model_kwargs() if entry else {}), **infer_model_kwargs(state_dict)}
-        model = get_architecture(architecture).build(**kwargs)
-        model.architecture = architecture
-        load_checked(model, state_dict, source=str(checkpoint))
+        model = build_model(architecture, kwargs, state_dict=state_dict, source=str(checkpoint),
+                            pretrained_cfg=entry.to_dict() if entry else None)
         label, sha256 = Path(checkpoint).name, hash_file(Path(checkpoint)).sha256
     else:
         if name is None:
@@ -122,47 +112,3 @@ def evaluate_model(
                                  "top1_diff": result.top1 - published.top1,
                                  "top5_diff": None if published.top5 is None else result.top5 - published.top5}
     return result
-
-
-def result_row(result: EvalResult) -> dict:
-    """One results-file row with timm's column names (param_count in millions) plus n, images/s, sha256."""
-    return {
-        "model": result.model,
-        "top1": round(result.top1, 3),
-        "top1_err": round(100.0 - result.top1, 3),
-        "top5": round(result.top5, 3),
-        "top5_err": round(100.0 - result.top5, 3),
-        "param_count": round(result.param_count / 1e6, 2) if result.param_count else None,
-        "img_size": result.config.get("crop"),
-        "crop_pct": result.config.get("crop_pct"),
-        "interpolation": result.config.get("interpolation"),
-        "n": result.n,
-        "images_per_s": round(result.images_per_s, 2),
-        "checkpoint_sha256": result.checkpoint_sha256,
-    }
-
-
-def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult]) -> Path:
-    """Append rows to a .csv (header written once) or .json (a list) results file, replacing it atomically."""
-    path = Path(path)
-    rows = [result_row(r) for r in results]
-    if path.suffix.lower() not in (".csv", ".json"):
-        raise DataError(f"results file {path} must end in .csv or .json")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix.lower() == ".json":
-        existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
-        if not isinstance(existing, list):
-            raise DataError(f"results file {path} does not hold a JSON list; choose another file")
-        tmp.write_text(json.dumps(existing + rows, indent=2) + "\n")
-    else:
-        previous = path.read_text() if path.exists() else ""
-        if previous and previous.splitlines()[0].split(",") != RESULT_COLUMNS:
-            raise DataError(f"results file {path} has other columns than {','.join(RESULT_COLUMNS)}; choose another file")
-        with open(tmp, "w", newline="") as f:
-            f.write(previous)
-            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-            if not previous:
-                writer.writeheader()
-            writer.writerows(rows)
-    os.replace(tmp, path)
-    return path

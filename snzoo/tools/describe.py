@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from snzoo import zoo
 from snzoo.errors import UnknownModelError
-from snzoo.models import get_architecture
+from snzoo.models import get_architecture, skeleton
 from snzoo.weights import cache_dir
 
 
@@ -30,7 +30,7 @@ def describe(name: str) -> dict:
         except UnknownModelError:
             entry = None
     spec = get_architecture(arch)
-    model = spec.build(**(entry.model_kwargs() if entry else {}))
+    model = skeleton(arch, **(entry.model_kwargs() if entry else {}))
     return {
         "name": entry.name if entry else arch,
         "architecture": arch,
@@ -43,3 +43,6 @@ def describe(name: str) -> dict:
         "entries": zoo.list_models(arch, pretrained=True),
         "cache_dir": str(cache_dir()),
     }
+
+
+__all__ = ["count_parameters", "describe"]
