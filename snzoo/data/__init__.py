@@ -1,4 +1,4 @@
-"""Evaluation data: image decoding, the 1-crop transform, and ImageNet-style folder and list-file datasets."""
+"""Evaluation data: image decoding, the 1-crop transform, and ImageNet val in every layout users hold it in."""
 
 from snzoo.data.datasets import (
     IMG_EXTENSIONS,
@@ -13,6 +13,12 @@ from snzoo.data.datasets import (
     collate_skip_bad,
     load_rgb,
 )
+from snzoo.data.encoded import EncodedImageDataset, imagenet_classes, sample_file_name
+from snzoo.data.hf_datasets import HFImageDataset
+from snzoo.data.ilsvrc_devkit import DevkitLabels, read_devkit
+from snzoo.data.ilsvrc_val import ILSVRCValArchive, ILSVRCValFolder
+from snzoo.data.layouts import open_imagenet_val
+from snzoo.data.wds_shards import WebDatasetShards
 from snzoo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,15 +35,25 @@ __all__ = [
     "INTERPOLATIONS",
     "BadImageError",
     "DataError",
+    "DevkitLabels",
+    "EncodedImageDataset",
     "EvalBatch",
     "EvalDataset",
+    "HFImageDataset",
+    "ILSVRCValArchive",
+    "ILSVRCValFolder",
     "ImageFolderDataset",
     "ListFileDataset",
     "Skipped",
+    "WebDatasetShards",
     "build_eval_dataset",
     "collate_skip_bad",
     "eval_transform",
     "eval_transform_from_config",
+    "imagenet_classes",
     "interpolation_mode",
     "load_rgb",
+    "open_imagenet_val",
+    "read_devkit",
+    "sample_file_name",
 ]
