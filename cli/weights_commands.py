@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from snzoo import zoo
+from snzoo.checkpoint import names_a_file
 from snzoo.weights import cache_dir, fetch_weights
 from snzoo.weights.cache import cache_files, clean_cache
 from snzoo.weights.fetch import require_pinned_default
@@ -56,7 +57,7 @@ def download_command(names, all_entries, source_url, file, require_pinned, quiet
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(target, arch, as_json) -> None:
     """Re-check an entry's cached weights (full re-hash, keys, shapes) or a checkpoint FILE."""
-    report = verify_file(target, arch) if Path(target).exists() else verify_entry(target)
+    report = verify_file(target, arch) if names_a_file(target) else verify_entry(target)
     if as_json:
         echo_json(report)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import zipfile
@@ -16,6 +17,15 @@ from snzoo.errors import CheckpointError
 
 PathLike = Union[str, Path]
 CLASSIFIER_PREFIX = "fc."
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
+
+
+def names_a_file(target: str) -> bool:
+    """True when a name-or-path argument can only mean a file (a folder in it, or a checkpoint suffix), so a
+    missing one is reported as a missing file rather than as an unknown zoo entry."""
+    return Path(target).exists() or "/" in target or os.sep in target or target.endswith(CHECKPOINT_SUFFIXES)
 
 
 def is_safetensors_file(path: PathLike) -> bool:
@@ -142,6 +152,41 @@ def compare_state_dict(
     return missing, unexpected, mismatched
 
 
+def first_non_finite(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The first key whose floating-point tensor holds NaN or inf, or None when every value is finite."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
+
+
+def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first floating-point tensor with NaN or inf values."""
+    key = first_non_finite(state_dict)
+    if key is not None:
+        raise CheckpointError(f"{source}: tensor {key} has non-finite values (NaN/inf); the checkpoint is corrupt")
+
+
+def check_values(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint", skip_classifier: bool = False
+) -> None:
+    """Raise CheckpointError for the first tensor whose dtype or values the model cannot take.
+
+    load_state_dict would silently cast integers into a floating-point parameter and copy NaN weights, so a
+    broken export would only show as garbage predictions. Integer buffers (num_batches_tracked) stay legal.
+    """
+    expected = model.state_dict()
+    kept = {k: v for k, v in state_dict.items() if not (skip_classifier and k.startswith(CLASSIFIER_PREFIX))}
+    for key, tensor in kept.items():
+        target = expected.get(key)
+        if target is not None and target.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')} but the model holds it as "
+                f"floating point; the checkpoint is corrupt or was saved with the wrong dtype"
+            )
+    check_finite(kept, source)
+
+
 def _hint(model: nn.Module, state_dict: Mapping[str, Tensor], missing, unexpected, mismatched) -> str:
     expected = model.state_dict()
     if any(k.endswith(("mean_weight", "var_weight")) for k in mismatched) or (
@@ -159,7 +204,8 @@ def _hint(model: nn.Module, state_dict: Mapping[str, Tensor], missing, unexpecte
 def load_checked(
     model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint", skip_classifier: bool = False
 ) -> None:
-    """Load a state dict after checking every key and shape; one error line describes any difference.
+    """Load a state dict after checking every key, shape and dtype, and that its values are finite; one error
+    line describes any difference.
 
     skip_classifier leaves the model's own (freshly initialised) classifier in place.
     """
@@ -177,6 +223,7 @@ def load_checked(
         name = getattr(model, "architecture", type(model).__name__)
         hint = _hint(model, state_dict, missing, unexpected, mismatched)
         raise CheckpointError(f"{source} does not match {name}: {'; '.join(parts)}{hint}")
+    check_values(model, state_dict, source, skip_classifier)
     if skip_classifier:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIX)}
     model.load_state_dict(state_dict, strict=not skip_classifier)

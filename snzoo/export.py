@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from snzoo.errors import SnzooError
+from snzoo.errors import OutputError, SnzooError
 from snzoo.nn import functional as F_sn
 from snzoo.nn.switchnorm import _SwitchNorm
 
@@ -208,16 +208,35 @@ def _exporter_stdout_discarded() -> Iterator[None]:
         os.close(saved)
 
 
-def _write_atomically(out_path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary file beside out_path and rename it into place when complete."""
+def check_output(out_path: Union[str, os.PathLike]) -> Path:
+    """The export's file as a Path, or an error when it cannot be written: a folder, or under a file. Callers
+    check it before loading weights, so a typo does not cost a download."""
     out = Path(out_path)
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give the path of the file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {out}: {ancestor} is a file, not a folder; choose another output path")
+    return out
+
+
+def _write_atomically(out_path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Run write(tmp) on a temporary file beside out_path and rename it into place when complete."""
+    out = check_output(out_path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, out)
+    except SnzooError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not there when the folder itself could not be made
+            tmp.unlink(missing_ok=True)
+        raise OutputError.cannot_write(out, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -22,7 +22,7 @@ import snzoo
 from snzoo import zoo
 from snzoo.checkpoint import CLASSIFIER_PREFIX, load_checked, read_state_dict
 from snzoo.entry import Entry
-from snzoo.errors import SnzooError, UnknownModelError, WeightsNotAvailableError
+from snzoo.errors import OutputError, SnzooError, UnknownModelError, WeightsNotAvailableError
 from snzoo.models import get_architecture
 from snzoo.models.registry import NORMS
 
@@ -280,6 +280,11 @@ def model_card(entry: Entry, repo_id: Optional[str] = None, source_sha256: Optio
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    ancestor = out_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {out_dir}: {ancestor} is a file, not a folder; choose another output folder")
     if out_dir.exists() or out_dir.is_symlink():
         if not out_dir.is_dir():
             raise ExportError(f"{out_dir} exists and is not a folder; choose another output folder")
@@ -328,9 +333,12 @@ def export_hf(
     with safe_open(str(weights), framework="pt") as f:
         source_sha256 = (f.metadata() or {}).get("source_sha256")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError.cannot_write(out_dir, exc) from None
     try:
         write_safetensors(state_dict, tmp / WEIGHTS_NAME,
                           {"entry": entry.name, "snzoo_version": snzoo.__version__, "format": "pt"})

@@ -7,6 +7,7 @@ renamed into place, so a crash never leaves a half-written figure.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from snzoo.errors import SnzooError
+from snzoo.errors import OutputError, SnzooError
 
 PathLike = Union[str, Path]
 
@@ -137,13 +138,19 @@ def _new_figure(width: float, height: float):
 def _save(fig, out_png: PathLike) -> Path:
     """Write the figure as PNG through a temporary file in the same folder, then rename it into place."""
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    if out_png.is_dir():
+        raise PlotError(f"{out_png} is a folder; give the path of the PNG file to write")
     # A unique name opened exclusively, not mkstemp: mkstemp's 0600 mode would survive the rename.
     tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             fig.savefig(f, format="png")
         os.replace(tmp, out_png)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not there when the folder itself could not be made
+            tmp.unlink(missing_ok=True)
+        raise OutputError.cannot_write(out_png, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -313,9 +320,11 @@ def checkpoint_importance(name_or_path: PathLike) -> dict[str, dict]:
     target = str(name_or_path)
     path = Path(target)
     if not _is_hub_name(target) and path.is_file():
-        from snzoo.checkpoint import read_state_dict
+        from snzoo.checkpoint import check_finite, read_state_dict
 
-        weights, source = importance_weights(read_state_dict(path)), str(path)
+        state_dict = read_state_dict(path)
+        check_finite(state_dict, str(path))  # NaN weights would draw as an empty chart, not as an error
+        weights, source = importance_weights(state_dict), str(path)
     elif not _is_hub_name(target) and path.exists():
         raise PlotError(f"{path} is a directory without metrics.jsonl, not a run directory or a checkpoint file")
     elif not _is_hub_name(target) and (os.sep in target or "/" in target or path.suffix in _CHECKPOINT_SUFFIXES):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,9 +10,9 @@ from typing import Optional
 
 import snzoo
 from snzoo import zoo
-from snzoo.checkpoint import read_state_dict
+from snzoo.checkpoint import check_finite, read_state_dict
 from snzoo.entry import Entry
-from snzoo.errors import ManifestError, WeightsNotAvailableError
+from snzoo.errors import ManifestError, OutputError, WeightsNotAvailableError
 from snzoo.weights.cache import cache_dir
 from snzoo.weights.convert import read_record, verify_canonical, write_safetensors
 from snzoo.weights.download import hash_file
@@ -54,6 +55,7 @@ def verify_file(path: os.PathLike | str, architecture: Optional[str] = None) -> 
     path = Path(path)
     digests = hash_file(path) if path.is_file() else None
     state_dict = read_state_dict(path)  # raises for a missing, unreadable or unsafe file
+    check_finite(state_dict, str(path))
     report = {"path": str(path), "sha256": digests.sha256, "md5": digests.md5, "size": digests.size,
               "tensors": len(state_dict), "entries": _matching_entries(digests.sha256, digests.md5), "ok": True}
     if architecture:
@@ -72,7 +74,10 @@ def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architect
     source = hash_file(src)
     metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": snzoo.__version__,
                 "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
-    digests = write_safetensors(state_dict, dst, metadata)
+    try:
+        digests = write_safetensors(state_dict, dst, metadata)
+    except OSError as exc:
+        raise OutputError.cannot_write(dst, exc) from None
     return {"src": str(src), "dst": str(dst), "architecture": architecture, "sha256": digests.sha256,
             "size": digests.size, "source_sha256": source.sha256, **kwargs}
 
@@ -102,6 +107,8 @@ def pin_file(name: str, path: os.PathLike | str, manifest_path: Optional[os.Path
 def _write_pins(manifest_path: Path, entry: Entry, index: int, pins: dict) -> None:
     try:
         data = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"schema_version": 1, "entries": {}}
+    except OSError as exc:
+        raise OutputError.cannot_write(manifest_path, exc) from None
     except ValueError as exc:
         raise ManifestError(f"{manifest_path}: not valid JSON ({exc}); fix it before pinning into it") from None
     entries = data.setdefault("entries", {})
@@ -110,7 +117,12 @@ def _write_pins(manifest_path: Path, entry: Entry, index: int, pins: dict) -> No
     sources[index] = {**sources[index], "sha256": pins["sha256"], "md5": pins["md5"], "size": pins["size"]}
     target["sources"] = sources
     tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not there when the write could not even start
+            tmp.unlink(missing_ok=True)
+        raise OutputError.cannot_write(manifest_path, exc) from None
     try:
         # Validated as an overlay on the shipped manifest: right for overlays and for a full manifest alike.
         zoo.load_manifest(overlay=tmp)

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from snzoo.checkpoint import compare_state_dict, load_checked
+from snzoo.checkpoint import check_values, compare_state_dict, load_checked
 from snzoo.entry import Source
 from snzoo.errors import CheckpointError, SnzooError
 from snzoo.models import get_architecture
@@ -40,11 +40,13 @@ def skeleton(architecture: str, **kwargs) -> torch.nn.Module:
 
 
 def check_structure(state_dict: Mapping[str, Tensor], architecture: str, what: str, **model_kwargs) -> None:
-    """Raise CheckpointError (one line, the readable difference) unless keys and shapes match the model exactly."""
+    """Raise CheckpointError (one line, the readable difference) unless keys and shapes match the model exactly,
+    dtypes fit it and every value is finite."""
     model = skeleton(architecture, **model_kwargs)
     model.architecture = architecture
     if any(compare_state_dict(model, state_dict)):
         load_checked(model, state_dict, source=what)
+    check_values(model, state_dict, source=what)
 
 
 def infer_model_kwargs(state_dict: Mapping[str, Tensor]) -> dict:
