@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -18,7 +19,8 @@ from snzoo.checkpoint import load_checked, read_state_dict
 from snzoo.data import DataError, build_eval_dataset, eval_transform_from_config
 from snzoo.data.fashion_mnist import FashionMNIST
 from snzoo.entry import EvalConfig
-from snzoo.evaluate import EvalResult, evaluate
+from snzoo.errors import OutputError
+from snzoo.evaluate import EvalResult, check_device, evaluate
 from snzoo.factory import create_model
 from snzoo.models import get_architecture
 from snzoo.weights.convert import read_record
@@ -76,6 +78,7 @@ def evaluate_model(
     with resize / crop / interpolation overrides; the result records the config used. engine_options go to
     `snzoo.evaluate.evaluate` (batch_size, workers, device, amp, channels_last, limit, per_class, progress).
     """
+    check_device(engine_options.get("device", "cpu"))
     entry = zoo.get_entry(name) if name and (checkpoint is None or "." in name) else None
     if checkpoint is not None:
         architecture = arch or (entry.architecture if entry else name)
@@ -91,11 +94,15 @@ def evaluate_model(
         if name is None:
             raise DataError("name a zoo entry to evaluate, or pass --checkpoint FILE with --arch ARCH")
         entry = zoo.get_entry(name)
-        weights = fetch_weights(entry)
-        model = create_model(entry.name, checkpoint_path=weights)
+        # The weights come after the data is found readable: a typo in --data must not cost a download.
+        model = create_model(entry.name)
         label = entry.name
-        sha256 = (read_record(weights) or {}).get("source_sha256")
     config = entry.eval if entry else IMAGENET_EVAL
+    if model.conv1.in_channels == 1 and len(config.mean) != 1:
+        # ImageNet's 3-channel normalisation cannot apply to a 1-channel model's grayscale input.
+        raise DataError(f"{architecture if checkpoint is not None else label} takes {model.conv1.in_channels}-channel "
+                        f"images but the eval config normalises {len(config.mean)} channels; name the checkpoint's "
+                        "entry for its eval config: snzoo eval ARCH.TAG --checkpoint FILE --data ...")
     transform = eval_transform_from_config(config, resize=resize, crop=crop, interpolation=interpolation)
     if model.conv1.in_channels == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
@@ -106,6 +113,10 @@ def evaluate_model(
     else:
         names = class_names_for(data, model.num_classes)
         dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad)
+    if checkpoint is None:
+        weights = fetch_weights(entry)
+        load_checked(model, read_state_dict(weights), source=str(weights))
+        sha256 = (read_record(weights) or {}).get("source_sha256")
     result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), **engine_options)
     used_resize = resize or config.resize
     used_crop = crop or config.crop
@@ -144,13 +155,42 @@ def result_row(result: EvalResult) -> dict:
 
 def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult]) -> Path:
     """Append rows to a .csv (header written once) or .json (a list) results file, replacing it atomically."""
-    path = Path(path)
+    path = check_results_file(path)
     rows = [result_row(r) for r in results]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_results(path, tmp, rows)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not there when the write could not even start
+            tmp.unlink(missing_ok=True)
+        raise OutputError.cannot_write(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_results_file(path: Union[str, os.PathLike]) -> Path:
+    """The results file as a Path, or DataError / OutputError when rows could not be appended to it; checked
+    before an evaluation too, so its time is not lost to a bad file name."""
+    path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
         raise DataError(f"results file {path} must end in .csv or .json")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give the path of a .csv or .json file")
+    if not path.parent.is_dir():
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {path}: {path.parent} {what}; choose another results file")
+    return path
+
+
+def _write_results(path: Path, tmp: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".json":
-        existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        try:
+            existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        except ValueError:
+            existing = None
         if not isinstance(existing, list):
             raise DataError(f"results file {path} does not hold a JSON list; choose another file")
         tmp.write_text(json.dumps(existing + rows, indent=2) + "\n")
@@ -164,5 +204,3 @@ def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult])
             if not previous:
                 writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
-    return path

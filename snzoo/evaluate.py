@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from snzoo.data import BadImageError, EvalBatch, collate_skip_bad
+from snzoo.errors import DeviceError
 
 
 @dataclass
@@ -47,6 +48,21 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """The torch.device for `device`, or DeviceError when it is no device type or a GPU that is not here."""
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                              "CUDA GPU(s); use cuda:0 or a lower index")
+    return torch_device
 
 
 def make_loader(dataset: Dataset, batch_size: int = 64, workers: Optional[int] = None, device: str = "cpu",
