@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from snzoo.checkpoint import names_a_file
 from snzoo.errors import TrainingError
 from snzoo.nn import drop_bn_branch, switchnorm_layers
 
@@ -19,9 +20,10 @@ def build_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
 
     kwargs = dict(cfg.model_overrides)
     kwargs.setdefault("drop_rate", cfg.recipe.get("dropout", 0.0))
+    _check_freeze(cfg)
     if cfg.init is None:
         model = create_model(cfg.name, num_classes=num_classes, **kwargs)
-    elif Path(cfg.init).is_file():
+    elif names_a_file(cfg.init):  # a missing file fails as one, not as an unknown entry
         model = create_model(cfg.name, checkpoint_path=cfg.init, num_classes=num_classes, **kwargs)
     else:
         model = create_model(cfg.init, pretrained=True, num_classes=num_classes, **kwargs)
@@ -47,6 +49,18 @@ def build_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
         for param in found:
             param.requires_grad_(False)
     return model
+
+
+def _check_freeze(cfg) -> None:
+    """Refuse unknown --freeze names on the architecture's skeleton, before any pretrained weights are fetched."""
+    from snzoo.weights.verify import skeleton
+
+    if not cfg.freeze:
+        return
+    names = [n for n, _ in skeleton(cfg.name.split(".")[0]).named_parameters()]
+    for prefix in cfg.freeze:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise TrainingError(f"--freeze {prefix}: no parameters under that name (e.g. conv1, sn1, layer1)")
 
 
 def input_format(cfg) -> tuple[int, Optional[tuple]]:

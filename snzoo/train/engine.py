@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from snzoo.errors import TrainingError
-from snzoo.evaluate import default_workers, evaluate
+from snzoo.errors import OutputError, TrainingError
+from snzoo.evaluate import check_device, default_workers, evaluate
 from snzoo.nn import (
     convert_sync_switchnorm,
     finalize_batch_average,
@@ -43,7 +43,7 @@ from snzoo.train.distributed import (
     restore_running_stats,
     shutdown,
 )
-from snzoo.train.export import export_run
+from snzoo.train.export import check_entry_name, export_run
 from snzoo.train.micro_batches import StepStatistics
 from snzoo.train.optim import build_optimizer, importance_parameters, set_learning_rate
 from snzoo.train.recipe import peak_learning_rate, total_batch
@@ -113,6 +113,8 @@ def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats
         raise TrainingError(f"the recipe's {devices} devices do not split over {world_size} processes; "
                             f"launch a divisor of {devices} processes")
     emulated = devices // world_size
+    if not (isinstance(accum_steps, int) and accum_steps >= 1):
+        raise TrainingError(f"--accum-steps must be a positive integer, got {accum_steps!r}")
     if emulated % accum_steps:
         raise TrainingError(f"--accum-steps {accum_steps} must divide the {emulated} devices each process emulates "
                             "(micro-batches hold whole devices, so the statistics stay per device)")
@@ -149,6 +151,7 @@ def _split(tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the summary written to RUN_DIR/summary.json."""
+    check_device(cfg.device)
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, info)
@@ -159,9 +162,8 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     recipe = cfg.recipe
     run_dir = Path(cfg.output)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    if cfg.entry_name is not None:
+        check_entry_name(cfg.entry_name)
     # Progress goes to stderr, so stdout carries only what the command reports (e.g. --json).
     log = (lambda msg: print(f"[snzoo train] {msg}", file=sys.stderr, flush=True)) if info.is_main else (lambda msg: None)
     torch.manual_seed(cfg.seed)
@@ -172,10 +174,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     in_chans, normalization = input_format(cfg)
     data: TrainData = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
                                        in_chans=in_chans, normalization=normalization)
-    num_classes = cfg.num_classes or data.num_classes
-    model = build_model(cfg, num_classes, log)
     sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
     plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
+    # Before the model: too little data must fail before pretrained weights are fetched.
+    sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
+    num_classes = cfg.num_classes or data.num_classes
+    model = build_model(cfg, num_classes, log)
     log(plan.description)
     if plan.ghost:
         set_ghost_batch_size(model, plan.ghost)
@@ -194,7 +198,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if cfg.compile:
         net = torch.compile(net)
 
-    sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch
     epochs = recipe["epochs"]
     peak = peak_learning_rate(recipe)
@@ -214,6 +217,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 "from rank 0's")
         set_rng_states(state["rng"])
         log(f"resumed from {run_dir / 'state.pt'} at epoch {start_epoch}, step {start_step_in_epoch} of {steps_per_epoch}")
+    # Created only now, so bad input found above leaves no run directory behind.
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.cannot_write(run_dir, exc) from None
+    barrier(info)
     # A resumed run drops log lines past its checkpoint, so no step is logged twice.
     logger = RunLogger(run_dir, rank=info.rank, purge_step=step + 1 if cfg.resume else None)
     if not cfg.resume and info.is_main:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from torch import nn
 
 import snzoo
 from snzoo import zoo
+from snzoo.errors import TrainingError
+from snzoo.manifest import _schema as manifest_schema
 from snzoo.nn import switchnorm_layers
 from snzoo.weights.convert import write_safetensors
 
 PROVENANCE = {"paper": "arXiv:1806.10779", "repository": "snzoo", "license": "Apache-2.0"}
+
+
+def check_entry_name(name: str) -> None:
+    """Raise TrainingError unless name is a valid ARCH.TAG: checked before a run, not after it has trained."""
+    # The schema's own pattern: the name must pass the manifest check that ends the run.
+    pattern = manifest_schema()["properties"]["entries"]["propertyNames"]["pattern"]
+    if not re.match(pattern, name):
+        raise TrainingError(f"--name {name!r} is not a valid entry name; expected ARCH.TAG in lowercase letters, "
+                            "digits and underscores, e.g. resnet20_sn.mydata_1x32_cos10")
 
 
 def default_entry_name(cfg, data) -> str:
