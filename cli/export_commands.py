@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from snzoo.export import (MIN_OPSET, ExportError, check_export, check_output, example_input, export_onnx,
-                          export_torchscript)
+from snzoo.export import (MIN_OPSET, ExportError, check_export, check_opset, check_output, example_input,
+                          export_onnx, export_torchscript)
 from snzoo.factory import create_model
 from snzoo.weights.download import hash_file
 from snzoo_cli.output import echo_json, human_size
@@ -23,7 +23,7 @@ CHECK_BATCH = 2  # not the exported batch size of 1, so --check also exercises t
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
               help="ONNX (input 'input', output 'logits', free batch axis) or TorchScript.")
 @click.option("--size", default=224, show_default=True, type=click.IntRange(min=1), help="Input height and width.")
-@click.option("--opset", default=MIN_OPSET, show_default=True, type=click.IntRange(min=MIN_OPSET), help=f"ONNX opset ({MIN_OPSET} or later).")
+@click.option("--opset", default=MIN_OPSET, show_default=True, type=int, help=f"ONNX opset ({MIN_OPSET} or later).")
 @click.option("--method", type=click.Choice(["trace", "script"]), default="trace", show_default=True,
               help="TorchScript: trace, or script the SN layers (right for any input size) and trace the rest.")
 @click.option("--checkpoint", type=click.Path(), help="Export this file (original format, state dict or safetensors) instead of the published weights.")
@@ -35,6 +35,8 @@ def export_command(name, out, fmt, size, opset, method, checkpoint, arch, check,
     if arch and not checkpoint:
         raise click.UsageError("--arch names the architecture of --checkpoint; pass --checkpoint FILE too")
     check_output(out)
+    if fmt == "onnx":
+        check_opset(opset)
     if checkpoint:
         model = create_model(arch or name, checkpoint_path=checkpoint)
     else:

@@ -208,6 +208,12 @@ def _exporter_stdout_discarded() -> Iterator[None]:
         os.close(saved)
 
 
+def check_opset(opset: int) -> None:
+    """Raise ExportError for an opset the exporter cannot write; callers check it before loading weights."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX export needs opset {MIN_OPSET} or later, got {opset}")
+
+
 def check_output(out_path: Union[str, os.PathLike]) -> Path:
     """The export's file as a Path, or an error when it cannot be written: a folder, or under a file. Callers
     check it before loading weights, so a typo does not cost a download."""
@@ -265,8 +271,7 @@ def export_onnx(
     in_chans: input channels (default: those of the model's first convolution).
     Uses the TorchScript-based exporter of torch.onnx, which writes the requested opset (>= 17) as it is.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"ONNX export needs opset {MIN_OPSET} or later, got {opset}")
+    check_opset(opset)
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("ONNX export needs the onnx package: pip install onnx")
     model, label = _build(model_or_name)

@@ -201,7 +201,7 @@ CASES = [
     ("finetune-freeze-unknown-module", FINETUNE + ["--batch", "1x4", "--freeze", "bogus"], "--freeze bogus"),
     ("finetune-invalid-entry-name", FINETUNE + ["--batch", "1x4", "--name", "no dot"], "--name"),
     ("export-size-zero", ["export", "resnet20_sn", "{out}/m.onnx", "--size", "0"], "x>=1"),
-    ("export-opset-too-old", ["export", "resnet20_sn", "{out}/m.onnx", "--size", "32", "--opset", "3"], "x>=17"),
+    ("export-opset-too-old", ["export", "resnet20_sn", "{out}/m.onnx", "--size", "32", "--opset", "3"], "opset 17 or later"),
     ("export-arch-without-checkpoint", ["export", "resnet20_sn", "{out}/m.onnx", "--arch", "resnet20_sn"],
      "--checkpoint"),
     ("bench-batch-abc", ["bench", "resnet20_sn", "--batch", "abc"], "not a valid integer"),
