@@ -1,4 +1,4 @@
-"""`snzoo eval`: a thin wrapper over snzoo.eval_zoo."""
+"""`snzoo eval`: a thin wrapper over snzoo.eval."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import click
 
 from snzoo import zoo
 from snzoo.data import INTERPOLATIONS
-from snzoo.eval import append_results, evaluate_model
+from snzoo.eval import append_results, check_results_file, evaluate_model
 from snzoo_cli.output import echo_json
 
 
@@ -39,15 +39,15 @@ def _line(result) -> str:
 @click.option("--root", type=click.Path(), help="Where a list file's relative paths start (default: its folder).")
 @click.option("--arch", help="Architecture of --checkpoint (e.g. resnet50v1_sn).")
 @click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")
-@click.option("--resize", type=int, help="Override the entry's resize (short side).")
-@click.option("--crop", type=int, help="Override the entry's center crop.")
+@click.option("--resize", type=click.IntRange(min=1), help="Override the entry's resize (short side).")
+@click.option("--crop", type=click.IntRange(min=1), help="Override the entry's center crop.")
 @click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), help="Override the resize interpolation.")
-@click.option("--batch-size", "-b", default=64, show_default=True)
-@click.option("--workers", "-j", type=int, help="DataLoader workers (default: the CPU count).")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", "-j", type=click.IntRange(min=0), help="DataLoader workers (default: the CPU count).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--amp", type=click.Choice(["bfloat16", "float16"]), help="Autocast dtype (norm statistics stay float32).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
-@click.option("--limit", type=int, help="Only the first N images (a quick check; stated in the output).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (a quick check; stated in the output).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images, count them and list them at the end.")
 @click.option("--per-class", is_flag=True, help="Add per-class top-1 to the JSON output.")
 @click.option("--results-file", type=click.Path(dir_okay=False), help="Append timm-style rows to a .csv or .json file.")
@@ -61,6 +61,8 @@ def eval_command(names, data, root, arch, checkpoint, resize, crop, interpolatio
     targets = _names(names) if names else [None]
     if checkpoint is not None and len(targets) > 1:
         raise click.UsageError("--checkpoint evaluates one model; name at most one entry with it")
+    if results_file:
+        check_results_file(results_file)
     results = []
     for name in targets:
         result = evaluate_model(

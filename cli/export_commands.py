@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from snzoo import create_model
-from snzoo.export import MIN_OPSET, ExportError, check_export, example_input, export_onnx, export_torchscript
+from snzoo.export import (MIN_OPSET, ExportError, check_export, check_opset, check_output, example_input,
+                          export_onnx, export_torchscript)
 from snzoo.weights import hash_file
 from snzoo_cli.output import echo_json, human_size
 
@@ -33,6 +34,9 @@ def export_command(name, out, fmt, size, opset, method, checkpoint, arch, check,
     """Export zoo entry or architecture NAME (with its pretrained weights, or --checkpoint) to file OUT."""
     if arch and not checkpoint:
         raise click.UsageError("--arch names the architecture of --checkpoint; pass --checkpoint FILE too")
+    check_output(out)
+    if fmt == "onnx":
+        check_opset(opset)
     if checkpoint:
         model = create_model(arch or name, checkpoint_path=checkpoint)
     else:

@@ -15,21 +15,21 @@ def run_options(command):
         click.option("--data", required=True, help="fashion-mnist, or a folder with train/ and val/ class folders."),
         click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. schedule.type=step (repeatable)."),
-        click.option("--epochs", type=int, help="Override the recipe's epochs."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Override the recipe's epochs."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun picks the GPU by LOCAL_RANK)."),
-        click.option("--workers", "-j", type=int, help="DataLoader workers (default: the CPU count)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--workers", "-j", type=click.IntRange(min=0), help="DataLoader workers (default: the CPU count)."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--amp", type=click.Choice(["bfloat16", "float16"]), help="Autocast dtype."),
         click.option("--channels-last", is_flag=True),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
-        click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation micro-batches per step."),
+        click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation micro-batches per step."),
         click.option("--sync-stats/--no-sync-stats", default=None, help="Synchronise SN statistics over processes (one process per recipe device); default: the recipe's `statistics`."),
-        click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every N steps (always at epoch ends)."),
+        click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, help="Also checkpoint every N steps (always at epoch ends)."),
         click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True, help="Log the loss every N steps and at epoch ends (where the loss is read from the device)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
-        click.option("--max-steps", type=int, help="Stop after N steps (a quick check)."),
-        click.option("--subset", type=int, help="Train on the first N training images only."),
-        click.option("--val-subset", type=int, help="Validate on the first N images only."),
+        click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N steps (a quick check)."),
+        click.option("--subset", type=click.IntRange(min=1), help="Train on the first N training images only."),
+        click.option("--val-subset", type=click.IntRange(min=1), help="Validate on the first N images only."),
         click.option("--deterministic", is_flag=True, help="Deterministic algorithms (exact resume on CPU)."),
         click.option("--name", "entry_name", help="Name ARCH.TAG for the trained weights' entry."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
@@ -75,7 +75,7 @@ def train_command(name, recipe_file, batch, lr, init, **kw) -> None:
 @click.argument("name")
 @click.option("--batch", default="1x32", show_default=True, help="DEVICESxPER_DEVICE.")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Peak learning rate (cosine to 0).")
-@click.option("--num-classes", type=int, help="Classes of the new head (default: the data's).")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new head (default: the data's).")
 @click.option("--freeze", multiple=True, help="Freeze a module and its statistics: conv1, sn1, layer1, ... (repeatable).")
 @click.option("--reset-importance", is_flag=True, help="Start the SN importance weights from uniform again.")
 @click.option("--drop-bn/--keep-bn", default=None, help="Drop the SN BN term (default: drop at per-device batch 1).")

@@ -10,7 +10,7 @@ import click
 from snzoo import zoo
 from snzoo.hub import export_hf
 from snzoo.tools.weights import convert_checkpoint, download, pin_file, verify_entry, verify_file
-from snzoo.weights import cache_dir, cache_files, clean_cache, is_pinned, require_pinned_default
+from snzoo.weights import cache_dir, cache_files, clean_cache, is_pinned, names_a_file, require_pinned_default
 from snzoo_cli.output import echo_json, human_size
 
 
@@ -55,7 +55,7 @@ def download_command(names, all_entries, source_url, file, require_pinned, quiet
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(target, arch, as_json) -> None:
     """Re-check an entry's cached weights (full re-hash, keys, shapes) or a checkpoint FILE."""
-    report = verify_file(target, arch) if Path(target).exists() else verify_entry(target)
+    report = verify_file(target, arch) if names_a_file(target) else verify_entry(target)
     if as_json:
         echo_json(report)
         return

@@ -8,27 +8,50 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
+from snzoo.errors import OutputError, SnzooError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _TRUE = ("1", "true", "yes", "on")
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, make_parents: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` that replaces it when the block ends without an error.
 
     On an error the temporary file is removed and `path` is left as it was, so a reader never sees a
-    half-written file. The temporary name is unique per process and call; it is created by the caller (not
-    mkstemp, whose 0600 mode would survive the rename).
+    half-written file; an OSError (a missing or read-only folder, a full disk, a file where a folder should be)
+    becomes one OutputError line. The temporary name is unique per process and call; the caller creates it
+    (not mkstemp, whose 0600 mode would survive the rename).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except SnzooError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not there when the folder itself could not be made
+            tmp.unlink(missing_ok=True)
+        raise OutputError.cannot_write(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_path(path: PathLike, what: str = "output path") -> Path:
+    """`path` as a Path, or OutputError when a file stands where one of its folders would have to be made."""
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder; choose another {what}")
+    return path
 
 
 def atomic_write_text(path: PathLike, text: str, *, fsync: bool = False) -> Path:

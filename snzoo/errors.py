@@ -6,6 +6,8 @@ error is the built-in exception a caller would catch without knowing snzoo (KeyE
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SnzooError(Exception):
     """Base class of every error snzoo raises for bad input; the CLI prints its message as one line."""
@@ -99,4 +101,25 @@ class PlotError(SnzooError, ValueError):
     """Nothing to plot, or a plot that cannot be written."""
 
 
-__all__ = ["BadImageError", "BenchmarkError", "CheckpointError", "ChecksumError", "DataError", "DownloadError", "ExportError", "KernelBuildError", "KernelInputError", "ManifestError", "MetricsLogError", "ModelConfigError", "PlotError", "RecipeError", "SnzooError", "TrainingError", "UnknownModelError", "UnpinnedWeightsWarning", "WeightsNotAvailableError"]
+# ------------------------------------------------------------------------------------------ outputs, devices
+
+
+class OutputError(SnzooError, OSError):
+    """An output path that cannot be written: its folder is missing or read-only, or a file stands in the way."""
+
+    @classmethod
+    def cannot_write(cls, path, exc: OSError) -> "OutputError":
+        # mkdir under a file says "File exists" or "Not a directory"; naming the file says what is in the way.
+        blocker = next((p for p in Path(path).parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            reason = f"{blocker} is a file, not a folder"
+        else:
+            reason = exc.strerror or str(exc)  # str(exc) would repeat the path
+        return cls(f"cannot write {path}: {reason}; choose an output path in a writable folder")
+
+
+class DeviceError(SnzooError, ValueError):
+    """A --device that names no device type, or a GPU this machine does not have."""
+
+
+__all__ = ["BadImageError", "BenchmarkError", "CheckpointError", "ChecksumError", "DataError", "DeviceError", "DownloadError", "ExportError", "KernelBuildError", "KernelInputError", "ManifestError", "MetricsLogError", "ModelConfigError", "OutputError", "PlotError", "RecipeError", "SnzooError", "TrainingError", "UnknownModelError", "UnpinnedWeightsWarning", "WeightsNotAvailableError"]

@@ -1,6 +1,7 @@
 """Checkpoints: the original release's format, bare state dicts and safetensors, read safely and checked."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,66 @@ def test_non_state_dict_content_fails_clearly(tmp_path):
     torch.save({"epoch": 3, "arch": "x"}, path)
     with pytest.raises(CheckpointError, match="no state dict found"):
         read_state_dict(path)
+
+
+def _resnet20_state(arch: str = "resnet20_sn") -> dict:
+    torch.manual_seed(0)
+    return snzoo.create_model(arch, num_classes=10).state_dict()
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_first_bad_tensor(tmp_path, bad_value):
+    from snzoo.tools.weights import verify_file
+
+    sd = _resnet20_state()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = bad_value
+    sd["layer2.0.sn1.running_var"].view(-1)[1] = bad_value
+    path = tmp_path / "ckpt.pth"
+    torch.save(sd, path)
+    expected = rf"^{path}: tensor layer1.0.conv1.weight has non-finite values \(NaN/inf\); the checkpoint is corrupt$"
+    with pytest.raises(CheckpointError, match=expected):
+        snzoo.create_model("resnet20_sn", checkpoint_path=path)
+    with pytest.raises(CheckpointError, match=expected):
+        verify_file(path, "resnet20_sn")
+    with pytest.raises(CheckpointError, match=expected):
+        verify_file(path)  # without an architecture too
+    # A non-finite classifier that a new head replaces is no reason to refuse the rest.
+    sd = _resnet20_state()
+    sd["fc.weight"][0, 0] = bad_value
+    torch.save(sd, path)
+    assert snzoo.create_model("resnet20_sn", checkpoint_path=path, num_classes=5).fc.out_features == 5
+
+
+def test_integer_weights_are_refused_but_integer_buffers_and_half_precision_load(tmp_path):
+    from snzoo.tools.weights import verify_file
+
+    sd = _resnet20_state()
+    ints = {k: v.long() if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save(ints, path)
+    first = next(iter(sd))
+    expected = rf"^{path}: tensor {first} is int64 but the model holds it as floating point"
+    with pytest.raises(CheckpointError, match=expected):
+        snzoo.create_model("resnet20_sn", checkpoint_path=path)
+    with pytest.raises(CheckpointError, match=expected):
+        verify_file(path, "resnet20_sn")
+    # BN's num_batches_tracked is int64 in the model itself; float16 weights are cast on loading as before.
+    bn = _resnet20_state("resnet20_bn")
+    assert any(not v.is_floating_point() for v in bn.values())
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in bn.items()}, path)
+    model = snzoo.create_model("resnet20_bn", checkpoint_path=path)
+    assert verify_file(path, "resnet20_bn")["ok"]
+    assert torch.equal(model.state_dict()["fc.weight"], bn["fc.weight"].half().float())
+
+
+def test_the_zoos_shipped_weights_pass_the_value_checks():
+    from snzoo import zoo
+    from snzoo.tools.weights import verify_file
+
+    shipped = sorted((Path(snzoo.__file__).parent / "pretrained").glob("*.safetensors"))
+    assert len(shipped) == 12
+    for path in shipped:
+        entry = zoo.get_entry(path.name.removesuffix(".safetensors"))
+        assert verify_file(path, entry.architecture)["ok"]
+    model = snzoo.create_model("resnet20_sn", pretrained=True)  # `make demo`'s entry, through the cache
+    assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())

@@ -19,6 +19,7 @@ import snzoo
 from snzoo.data import BadImageError, DataError
 from snzoo.eval import evaluate_model, imagenet_wnids
 from snzoo.eval import evaluate
+from snzoo.weights import cache_dir
 from snzoo_cli.main import cli
 from http_server import start_server
 from photos import photo_paths
@@ -305,3 +306,33 @@ def test_snzoo_evaluate_is_the_engine(small_model, photo_folder):
     result = snzoo.evaluate(small_model, _dataset(photo_folder), workers=0, per_class=True)
     assert isinstance(result, snzoo.EvalResult) and result.n == 20
     assert sum(c["n"] for c in result.per_class.values()) == 20
+
+
+@pytest.mark.parametrize("make_data", [
+    pytest.param(lambda tmp: tmp / "typo", id="missing-folder"),
+    pytest.param(lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", id="empty-folder"),
+    pytest.param(lambda tmp: _bad_list(tmp), id="malformed-list-file"),
+])
+def test_cli_eval_checks_the_data_before_downloading_the_weights(make_data, small_model, photo_folder, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.delenv("SNZOO_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    served = tmp_path / "served"
+    served.mkdir()
+    ckpt = save_checkpoint(small_model, served / "small.pth")
+    entry = entry_json("", sha256=hashlib.sha256(ckpt.read_bytes()).hexdigest(), file_name="small.pth")
+    entry["num_classes"] = len(CLASSES)
+    data = make_data(tmp_path)
+    with start_server(served) as server:
+        entry["sources"][0]["url"] = server.url("small.pth")
+        overlay = tmp_path / "overlay.json"
+        overlay.write_text(json.dumps({"schema_version": 1, "entries": {"resnet18v1_sn.photos_test": entry}}))
+        bad = run("--manifest", overlay, "eval", "resnet18v1_sn.photos_test", "--data", data, "-j", "0")
+        assert bad.exit_code == 1 and bad.output.startswith("error: ") and bad.output.count("\n") == 1, bad.output
+        assert server.requests == []
+        assert not cache_dir().exists() or not any(cache_dir().iterdir())
+        # The same command with readable data does download: the server above would have seen a request.
+        good = run("--manifest", overlay, "eval", "resnet18v1_sn.photos_test", "--data", photo_folder,
+                   "--limit", "2", "-j", "0", "-q")
+        assert good.exit_code == 0, good.output
+        assert server.requests_for("/small.pth")

@@ -333,3 +333,9 @@ def test_the_last_line_says_what_was_done(tmp_path):
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert done.startswith(f"[snzoo train] done: {summary['steps']} steps, 1 epochs; ") and "top1" in done, done
     assert done.endswith(f"-> {summary['weights']}")
+
+
+def test_fewer_samples_than_one_batch_is_one_error_line_that_names_the_fix():
+    with pytest.raises(TrainingError, match=r"30 training samples are fewer than one step's batch of 32; lower --batch"):
+        GlobalBatchSampler(30, 32)
+    assert len(GlobalBatchSampler(32, 32)) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from snzoo._io import atomic_write_text
-from snzoo.errors import DataError
+from snzoo.errors import DataError, OutputError
 from snzoo.eval.engine import EvalResult
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
@@ -37,12 +37,13 @@ def result_row(result: EvalResult) -> dict:
 
 def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult]) -> Path:
     """Append rows to a .csv (header written once) or .json (a list) results file, replacing it atomically."""
-    path = Path(path)
+    path = check_results_file(path)
     rows = [result_row(r) for r in results]
-    if path.suffix.lower() not in (".csv", ".json"):
-        raise DataError(f"results file {path} must end in .csv or .json")
     if path.suffix.lower() == ".json":
-        existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        try:
+            existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        except ValueError:
+            existing = None
         if not isinstance(existing, list):
             raise DataError(f"results file {path} does not hold a JSON list; choose another file")
         return atomic_write_text(path, json.dumps(existing + rows, indent=2) + "\n")
@@ -56,3 +57,17 @@ def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult])
         writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, text.getvalue())
+
+
+def check_results_file(path: Union[str, os.PathLike]) -> Path:
+    """The results file as a Path, or DataError / OutputError when rows could not be appended to it; checked
+    before an evaluation too, so its time is not lost to a bad file name."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise DataError(f"results file {path} must end in .csv or .json")
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give the path of a .csv or .json file")
+    if not path.parent.is_dir():
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {path}: {path.parent} {what}; choose another results file")
+    return path

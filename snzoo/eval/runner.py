@@ -15,8 +15,9 @@ from snzoo import zoo
 from snzoo._factory import create_model
 from snzoo.data import DataError, build_eval_dataset, eval_transform_from_config
 from snzoo.data.fashion_mnist import FASHION_MNIST, FashionMNIST
+from snzoo._torch_utils import check_device
 from snzoo.eval.engine import EvalResult, evaluate
-from snzoo.models import build_model, infer_model_kwargs
+from snzoo.models import build_model, infer_model_kwargs, skeleton
 from snzoo.weights import fetch_weights, hash_file, read_record, read_state_dict
 from snzoo.zoo import EvalConfig
 
@@ -67,6 +68,7 @@ def evaluate_model(
     with resize / crop / interpolation overrides; the result records the config used. engine_options go to
     `snzoo.eval.evaluate` (batch_size, workers, device, amp, channels_last, limit, per_class, progress).
     """
+    check_device(engine_options.get("device", "cpu"))
     entry = zoo.get_entry(name) if name and (checkpoint is None or "." in name) else None
     if checkpoint is not None:
         architecture = arch or (entry.architecture if entry else name)
@@ -81,11 +83,16 @@ def evaluate_model(
         if name is None:
             raise DataError("name a zoo entry to evaluate, or pass --checkpoint FILE with --arch ARCH")
         entry = zoo.get_entry(name)
-        weights = fetch_weights(entry)
-        model = create_model(entry.name, checkpoint_path=weights)
+        # The weights come after the data is found readable: a typo in --data must not cost a download. Until
+        # then the architecture on the meta device answers the questions about input channels and classes.
+        model = skeleton(entry.architecture, **entry.model_kwargs())
         label = entry.name
-        sha256 = (read_record(weights) or {}).get("source_sha256")
     config = entry.eval if entry else IMAGENET_EVAL
+    if model.conv1.in_channels == 1 and len(config.mean) != 1:
+        # ImageNet's 3-channel normalisation cannot apply to a 1-channel model's grayscale input.
+        raise DataError(f"{architecture if checkpoint is not None else label} takes {model.conv1.in_channels}-channel "
+                        f"images but the eval config normalises {len(config.mean)} channels; name the checkpoint's "
+                        "entry for its eval config: snzoo eval ARCH.TAG --checkpoint FILE --data ...")
     transform = eval_transform_from_config(config, resize=resize, crop=crop, interpolation=interpolation)
     if model.conv1.in_channels == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
@@ -96,6 +103,10 @@ def evaluate_model(
     else:
         names = class_names_for(data, model.num_classes)
         dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad)
+    if checkpoint is None:
+        weights = fetch_weights(entry)
+        model = create_model(entry.name, checkpoint_path=weights)
+        sha256 = (read_record(weights) or {}).get("source_sha256")
     result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), **engine_options)
     used_resize = resize or config.resize
     used_crop = crop or config.crop

@@ -6,6 +6,8 @@ from snzoo.export.exporters import (
     OUTPUT_NAME,
     TORCHSCRIPT_METHODS,
     check_export,
+    check_opset,
+    check_output,
     example_input,
     export_onnx,
     export_torchscript,
@@ -15,5 +17,5 @@ from snzoo.nn.frozen import FrozenSwitchNorm, frozen_copy
 
 __all__ = [
     "INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "TORCHSCRIPT_METHODS", "ExportError", "FrozenSwitchNorm",
-    "check_export", "example_input", "export_onnx", "export_torchscript", "frozen_copy",
+    "check_export", "check_opset", "check_output", "example_input", "export_onnx", "export_torchscript", "frozen_copy",
 ]

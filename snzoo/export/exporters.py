@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from snzoo.errors import ExportError, SnzooError
 from snzoo._factory import create_model
-from snzoo._io import atomic_path, first_line
+from snzoo._io import atomic_path, check_output_path, first_line
 from snzoo._torch_utils import input_channels
 from snzoo.nn.frozen import FrozenSwitchNorm, frozen_copy
 
@@ -99,12 +99,24 @@ def _exporter_stdout_discarded() -> Iterator[None]:
         os.close(saved)
 
 
-def _write_atomically(out_path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary file beside out_path and rename it into place when complete."""
+def check_opset(opset: int) -> None:
+    """Raise ExportError for an opset the exporter cannot write; callers check it before loading weights."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX export needs opset {MIN_OPSET} or later, got {opset}")
+
+
+def check_output(out_path: Union[str, os.PathLike]) -> Path:
+    """The export's file as a Path, or an error when it cannot be written: a folder, or under a file. Callers
+    check it before loading weights, so a typo does not cost a download."""
     out = Path(out_path)
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give the path of the file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return check_output_path(out)
+
+
+def _write_atomically(out_path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Run write(tmp) on a temporary file beside out_path and rename it into place when complete."""
+    out = check_output(out_path)
     with atomic_path(out) as tmp:
         write(tmp)
     return out
@@ -127,8 +139,7 @@ def export_onnx(
     in_chans: input channels (default: those of the model's first convolution).
     Uses the TorchScript-based exporter of torch.onnx, which writes the requested opset (>= 17) as it is.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"ONNX export needs opset {MIN_OPSET} or later, got {opset}")
+    check_opset(opset)
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("ONNX export needs the onnx package: pip install onnx")
     model, label = _build(model_or_name)

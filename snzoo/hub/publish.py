@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Optional, Union
 
-from snzoo.errors import ExportError
+from snzoo._io import check_output_path
+from snzoo.errors import ExportError, OutputError
 from snzoo.hub.card import model_card
 from snzoo.hub.config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, export_config
 from snzoo.version import __version__
@@ -18,6 +19,7 @@ from snzoo.zoo import get_entry
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    check_output_path(out_dir, "output folder")
     if out_dir.exists() or out_dir.is_symlink():
         if not out_dir.is_dir():
             raise ExportError(f"{out_dir} exists and is not a folder; choose another output folder")
@@ -60,9 +62,12 @@ def export_hf(
     state_dict = read_state_dict(weights)
     source_sha256 = (read_record(weights) or {}).get("source_sha256")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError.cannot_write(out_dir, exc) from None
     try:
         write_safetensors(state_dict, tmp / WEIGHTS_NAME,
                           {"entry": entry.name, "snzoo_version": __version__, "format": "pt"})

@@ -14,7 +14,9 @@ from snzoo.models.resnet_cifar import ResNetCifar
 from snzoo.models._builder import (
     CLASSIFIER_PREFIX,
     build_model,
+    check_finite,
     check_state_dict,
+    check_values,
     compare_state_dict,
     infer_model_kwargs,
     load_checked,
@@ -23,6 +25,6 @@ from snzoo.models._builder import (
 
 __all__ = [
     "ARCHITECTURES", "CLASSIFIER_PREFIX", "NORMS", "ArchitectureSpec", "ResNet", "ResNetCifar", "build_model",
-    "check_state_dict", "compare_state_dict", "get_architecture", "infer_model_kwargs", "list_architectures",
+    "check_finite", "check_state_dict", "check_values", "compare_state_dict", "get_architecture", "infer_model_kwargs", "list_architectures",
     "load_checked", "skeleton", "unknown_name_message",
 ]

@@ -59,7 +59,7 @@ def skeleton(architecture: str, **model_kwargs) -> nn.Module:
 def check_state_dict(state_dict: Mapping[str, Tensor], architecture: str, what: str, **model_kwargs) -> None:
     """Raise CheckpointError (one line) unless the state dict would load into the architecture as built."""
     model = skeleton(architecture, **model_kwargs)
-    _raise_for_mismatch(model, state_dict, what, skip_classifier=False)
+    _raise_unless_loadable(model, state_dict, what, skip_classifier=False)
 
 
 def infer_model_kwargs(state_dict: Mapping[str, Tensor]) -> dict:
@@ -96,6 +96,41 @@ def compare_state_dict(
     return missing, unexpected, mismatched
 
 
+def first_non_finite(state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The first key whose floating-point tensor holds NaN or inf, or None when every value is finite."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
+
+
+def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first floating-point tensor with NaN or inf values."""
+    key = first_non_finite(state_dict)
+    if key is not None:
+        raise CheckpointError(f"{source}: tensor {key} has non-finite values (NaN/inf); the checkpoint is corrupt")
+
+
+def check_values(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint", skip_classifier: bool = False
+) -> None:
+    """Raise CheckpointError for the first tensor whose dtype or values the model cannot take.
+
+    load_state_dict would silently cast integers into a floating-point parameter and copy NaN weights, so a
+    broken export would only show as garbage predictions. Integer buffers (num_batches_tracked) stay legal.
+    """
+    expected = model.state_dict()
+    kept = {k: v for k, v in state_dict.items() if not (skip_classifier and k.startswith(CLASSIFIER_PREFIX))}
+    for key, tensor in kept.items():
+        target = expected.get(key)
+        if target is not None and target.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')} but the model holds it as "
+                f"floating point; the checkpoint is corrupt or was saved with the wrong dtype"
+            )
+    check_finite(kept, source)
+
+
 def _hint(model: nn.Module, state_dict: Mapping[str, Tensor], missing, unexpected, mismatched) -> str:
     expected = model.state_dict()
     if any(k.endswith(("mean_weight", "var_weight")) for k in mismatched) or (
@@ -130,14 +165,22 @@ def _raise_for_mismatch(
     raise CheckpointError(f"{source} does not match {name}: {'; '.join(parts)}{hint}")
 
 
+def _raise_unless_loadable(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str, skip_classifier: bool
+) -> None:
+    _raise_for_mismatch(model, state_dict, source, skip_classifier)
+    check_values(model, state_dict, source, skip_classifier)
+
+
 def load_checked(
     model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint", skip_classifier: bool = False
 ) -> None:
-    """Load a state dict after checking every key and shape; one error line describes any difference.
+    """Load a state dict after checking every key, shape and dtype, and that its values are finite; one error
+    line describes any difference.
 
     skip_classifier leaves the model's own (freshly initialised) classifier in place.
     """
-    _raise_for_mismatch(model, state_dict, source, skip_classifier)
+    _raise_unless_loadable(model, state_dict, source, skip_classifier)
     if skip_classifier:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIX)}
     model.load_state_dict(state_dict, strict=not skip_classifier)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from snzoo._factory import create_model
-from snzoo._torch_utils import AMP_DTYPES, autocast, input_channels
+from snzoo._torch_utils import AMP_DTYPES, autocast, check_device, input_channels
 from snzoo.errors import BenchmarkError
 from snzoo.nn import cpu_kernels
 from snzoo.nn.functional import get_implementation
@@ -105,16 +105,8 @@ def _check_settings(batch: int, size: int, device: str, amp: Optional[str], step
             raise BenchmarkError(f"{label} must be an integer >= {least}, got {value!r}")
     if amp is not None and amp not in AMP_DTYPES:
         raise BenchmarkError(f"amp must be one of bfloat16, float16 (or none), got {amp!r}")
-    try:
-        torch_device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BenchmarkError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if torch_device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchmarkError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
-        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
-            raise BenchmarkError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif torch_device.type != "cpu":
+    torch_device = check_device(device)
+    if torch_device.type not in ("cpu", "cuda"):
         raise BenchmarkError(f"device {device!r} is not supported by the benchmark; use cpu or cuda")
     return torch_device
 

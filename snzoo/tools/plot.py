@@ -20,13 +20,13 @@ from snzoo._io import PathLike, atomic_path
 from snzoo.errors import PlotError
 from snzoo.nn.importance import importance_weights
 from snzoo.train.run_log import read_metrics
-from snzoo.weights import read_state_dict
+from snzoo.models import check_finite
+from snzoo.weights import CHECKPOINT_SUFFIXES, read_state_dict
 
 TERMS = ("in", "ln", "bn")
 TERM_LABELS = {"in": "IN", "ln": "LN", "bn": "BN"}
 # One fixed colour per term in every figure, so figures of different models compare at a glance.
 TERM_COLORS = {"in": "#1f77b4", "ln": "#2ca02c", "bn": "#d62728"}
-_CHECKPOINT_SUFFIXES = {".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +58,8 @@ def _new_figure(width: float, height: float):
 def _save(fig, out_png: PathLike) -> Path:
     """Write the figure as PNG through a temporary file in the same folder, then rename it into place."""
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    if out_png.is_dir():
+        raise PlotError(f"{out_png} is a folder; give the path of the PNG file to write")
     with atomic_path(out_png) as tmp, open(tmp, "xb") as f:
         fig.savefig(f, format="png")
     return out_png
@@ -225,10 +226,12 @@ def checkpoint_importance(name_or_path: PathLike) -> dict[str, dict]:
     target = str(name_or_path)
     path = Path(target)
     if not _is_hub_name(target) and path.is_file():
-        weights, source = importance_weights(read_state_dict(path)), str(path)
+        state_dict = read_state_dict(path)
+        check_finite(state_dict, str(path))  # NaN weights would draw as an empty chart, not as an error
+        weights, source = importance_weights(state_dict), str(path)
     elif not _is_hub_name(target) and path.exists():
         raise PlotError(f"{path} is a directory without metrics.jsonl, not a run directory or a checkpoint file")
-    elif not _is_hub_name(target) and (os.sep in target or "/" in target or path.suffix in _CHECKPOINT_SUFFIXES):
+    elif not _is_hub_name(target) and (os.sep in target or "/" in target or path.suffix in CHECKPOINT_SUFFIXES):
         raise PlotError(f"{path} does not exist; pass a run directory, a checkpoint file or a zoo entry name")
     else:
         weights, source = importance_weights(create_model(target, pretrained=True)), target
@@ -242,7 +245,7 @@ def default_importance_png(name_or_path: PathLike) -> Path:
     target = str(name_or_path)
     path = Path(target)
     if not _is_hub_name(target) and path.is_file():
-        while path.suffix in _CHECKPOINT_SUFFIXES:
+        while path.suffix in CHECKPOINT_SUFFIXES:
             path = path.with_suffix("")
         stem = path.name
     else:

@@ -13,8 +13,8 @@ from typing import Optional
 
 from snzoo import zoo
 from snzoo._io import atomic_path
-from snzoo.errors import ManifestError, WeightsNotAvailableError
-from snzoo.models import check_state_dict, infer_model_kwargs
+from snzoo.errors import ManifestError, OutputError, WeightsNotAvailableError
+from snzoo.models import check_finite, check_state_dict, infer_model_kwargs
 from snzoo.version import __version__
 from snzoo.weights import (
     cache_dir,
@@ -74,6 +74,7 @@ def verify_file(path: os.PathLike | str, architecture: Optional[str] = None) -> 
     path = Path(path)
     digests = hash_file(path) if path.is_file() else None
     state_dict = read_state_dict(path)  # raises for a missing, unreadable or unsafe file
+    check_finite(state_dict, str(path))
     report = {"path": str(path), "sha256": digests.sha256, "md5": digests.md5, "size": digests.size,
               "tensors": len(state_dict), "entries": _matching_entries(digests.sha256, digests.md5), "ok": True}
     if architecture:
@@ -92,7 +93,10 @@ def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architect
     source = hash_file(src)
     metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": __version__,
                 "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
-    digests = write_safetensors(state_dict, dst, metadata)
+    try:
+        digests = write_safetensors(state_dict, dst, metadata)
+    except OSError as exc:
+        raise OutputError.cannot_write(dst, exc) from None
     return {"src": str(src), "dst": str(dst), "architecture": architecture, "sha256": digests.sha256,
             "size": digests.size, "source_sha256": source.sha256, **kwargs}
 
@@ -122,6 +126,8 @@ def pin_file(name: str, path: os.PathLike | str, manifest_path: Optional[os.Path
 def _write_pins(manifest_path: Path, entry: Entry, index: int, pins: dict) -> None:
     try:
         data = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"schema_version": 1, "entries": {}}
+    except OSError as exc:
+        raise OutputError.cannot_write(manifest_path, exc) from None
     except ValueError as exc:
         raise ManifestError(f"{manifest_path}: not valid JSON ({exc}); fix it before pinning into it") from None
     entries = data.setdefault("entries", {})

@@ -12,6 +12,7 @@ from snzoo import zoo
 from snzoo._factory import create_model
 from snzoo.errors import TrainingError, UnknownModelError
 from snzoo.models import skeleton
+from snzoo.weights import names_a_file
 from snzoo.nn import drop_bn_branch, switchnorm_layers
 
 
@@ -20,9 +21,10 @@ def build_run_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Mod
     as the TrainConfig `cfg` says; `log` gets what was changed."""
     kwargs = dict(cfg.model_overrides)
     kwargs.setdefault("drop_rate", cfg.recipe.get("dropout", 0.0))
+    _check_freeze(cfg)
     if cfg.init is None:
         model = create_model(cfg.name, num_classes=num_classes, **kwargs)
-    elif Path(cfg.init).is_file():
+    elif names_a_file(cfg.init):  # a missing file fails as one, not as an unknown entry
         model = create_model(cfg.name, checkpoint_path=cfg.init, num_classes=num_classes, **kwargs)
     else:
         model = create_model(cfg.init, pretrained=True, num_classes=num_classes, **kwargs)
@@ -48,6 +50,16 @@ def build_run_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Mod
         for param in found:
             param.requires_grad_(False)
     return model
+
+
+def _check_freeze(cfg) -> None:
+    """Refuse unknown --freeze names on the architecture's skeleton, before any pretrained weights are fetched."""
+    if not cfg.freeze:
+        return
+    names = [n for n, _ in skeleton(cfg.name.split(".")[0]).named_parameters()]
+    for prefix in cfg.freeze:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise TrainingError(f"--freeze {prefix}: no parameters under that name (e.g. conv1, sn1, layer1)")
 
 
 def input_format(cfg) -> tuple[int, Optional[tuple]]:

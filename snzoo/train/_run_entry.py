@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from torch import nn
@@ -11,11 +12,22 @@ from snzoo import zoo
 from snzoo.data.fashion_mnist import FASHION_MNIST
 from snzoo._torch_utils import input_channels
 from snzoo.models import check_state_dict
+from snzoo.errors import TrainingError
+from snzoo.zoo import manifest_schema
 from snzoo.nn import switchnorm_layers
 from snzoo.version import __version__
 from snzoo.weights import read_state_dict, write_safetensors
 
 PROVENANCE = {"paper": "arXiv:1806.10779", "repository": "snzoo", "license": "Apache-2.0"}
+
+
+def check_entry_name(name: str) -> None:
+    """Raise TrainingError unless name is a valid ARCH.TAG: checked before a run, not after it has trained."""
+    # The schema's own pattern: the name must pass the manifest check that ends the run.
+    pattern = manifest_schema()["properties"]["entries"]["propertyNames"]["pattern"]
+    if not re.match(pattern, name):
+        raise TrainingError(f"--name {name!r} is not a valid entry name; expected ARCH.TAG in lowercase letters, "
+                            "digits and underscores, e.g. resnet20_sn.mydata_1x32_cos10")
 
 
 def default_entry_name(cfg, data) -> str:

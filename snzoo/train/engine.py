@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from snzoo._torch_utils import autocast
-from snzoo.errors import TrainingError
+from snzoo.errors import OutputError, TrainingError
+from snzoo._torch_utils import autocast, check_device
 from snzoo.eval.engine import default_workers, evaluate
 from snzoo.nn import (
     convert_sync_switchnorm,
@@ -44,7 +44,7 @@ from snzoo.train.distributed import (
     restore_running_stats,
     shutdown,
 )
-from snzoo.train._run_entry import export_run
+from snzoo.train._run_entry import check_entry_name, export_run
 from snzoo.train.micro_batches import StepStatistics
 from snzoo.train.optim import build_optimizer, importance_parameters, set_learning_rate
 from snzoo.train.plan import BatchPlan, TrainConfig, plan_batches, synchronised_statistics
@@ -71,6 +71,7 @@ def _split(tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the summary written to RUN_DIR/summary.json."""
+    check_device(cfg.device)
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, info)
@@ -103,6 +104,13 @@ class _Run:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     run = _prepare(cfg, info)
     start_epoch, start_step_in_epoch = _resume(run) if cfg.resume else (0, 0)
+    # Created only now, so bad input found above leaves no run directory behind.
+    if info.is_main:
+        try:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.cannot_write(run.run_dir, exc) from None
+    barrier(info)
     # A resumed run drops log lines past its checkpoint, so no step is logged twice.
     run.logger = RunLogger(run.run_dir, rank=info.rank, purge_step=run.step + 1 if cfg.resume else None)
     if not cfg.resume and info.is_main:
@@ -139,9 +147,8 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
     """Processes, data, model, batch plan, optimiser: everything before the first step."""
     recipe = cfg.recipe
     run_dir = Path(cfg.output)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    if cfg.entry_name is not None:
+        check_entry_name(cfg.entry_name)
     # Progress goes to stderr, so stdout carries only what the command reports (e.g. --json).
     log = (lambda msg: print(f"[snzoo train] {msg}", file=sys.stderr, flush=True)) if info.is_main else (lambda msg: None)
     torch.manual_seed(cfg.seed)
@@ -152,9 +159,12 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
     in_chans, normalization = input_format(cfg)
     data = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
                             in_chans=in_chans, normalization=normalization)
-    model = build_run_model(cfg, cfg.num_classes or data.num_classes, log)
     sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
     plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
+    # Before the model: too little data must fail before pretrained weights are fetched.
+    sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
+    num_classes = cfg.num_classes or data.num_classes
+    model = build_run_model(cfg, num_classes, log)
     log(plan.description)
     if plan.ghost:
         set_ghost_batch_size(model, plan.ghost)
@@ -168,7 +178,6 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.enabled else model
     if cfg.compile:
         net = torch.compile(net)
-    sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
     return _Run(cfg=cfg, info=info, run_dir=run_dir, log=log, data=data, model=model, net=net, plan=plan,
                 optimizer=build_optimizer(model, recipe),
                 scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "float16"), sampler=sampler,

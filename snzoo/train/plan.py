@@ -69,6 +69,8 @@ def plan_batches(recipe: dict, world_size: int, accum_steps: int = 1, sync_stats
         raise TrainingError(f"the recipe's {devices} devices do not split over {world_size} processes; "
                             f"launch a divisor of {devices} processes")
     emulated = devices // world_size
+    if not (isinstance(accum_steps, int) and accum_steps >= 1):
+        raise TrainingError(f"--accum-steps must be a positive integer, got {accum_steps!r}")
     if emulated % accum_steps:
         raise TrainingError(f"--accum-steps {accum_steps} must divide the {emulated} devices each process emulates "
                             "(micro-batches hold whole devices, so the statistics stay per device)")

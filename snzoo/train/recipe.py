@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -84,11 +85,15 @@ def check_recipe(recipe: Mapping) -> None:
     missing = [k for k in REQUIRED if k not in recipe]
     if missing:
         raise RecipeError(f"recipe lacks {', '.join(missing)}")
-    if not (isinstance(recipe["epochs"], int) and recipe["epochs"] > 0):
+    for group in ("batch", "optimizer", "lr", "schedule", "augmentation"):
+        if not isinstance(recipe[group], Mapping):
+            raise RecipeError(f"recipe {group} must be a group of settings (e.g. {group}.KEY=VALUE), "
+                              f"got {recipe[group]!r}")
+    if not (_is_int(recipe["epochs"]) and recipe["epochs"] > 0):
         raise RecipeError(f"recipe epochs must be a positive integer, got {recipe['epochs']!r}")
     batch = recipe["batch"]
     for key in ("devices", "per_device"):
-        if not (isinstance(batch.get(key), int) and batch[key] > 0):
+        if not (_is_int(batch.get(key)) and batch[key] > 0):
             raise RecipeError(f"recipe batch.{key} must be a positive integer, got {batch.get(key)!r}")
     schedule = recipe["schedule"]
     if schedule.get("type") not in ("cosine", "step"):
@@ -97,8 +102,24 @@ def check_recipe(recipe: Mapping) -> None:
         raise RecipeError("recipe schedule.milestones is needed for a step schedule, e.g. [30, 60, 90]")
     if recipe["optimizer"].get("name", "sgd") != "sgd":
         raise RecipeError(f"recipe optimizer.name {recipe['optimizer'].get('name')!r} is not supported; use 'sgd'")
-    if float(recipe["lr"].get("base", 0)) <= 0 or float(recipe["lr"].get("reference_batch", 0)) <= 0:
-        raise RecipeError("recipe lr.base and lr.reference_batch must be positive")
+    for key in ("base", "reference_batch"):
+        value = recipe["lr"].get(key, 0)
+        # NaN and inf pass a `<= 0` test and would only show as a non-finite loss after the first step.
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise RecipeError(f"recipe lr.base and lr.reference_batch must be positive, finite numbers; "
+                              f"lr.{key} is {value!r}")
+    for key in ("dropout", "label_smoothing"):
+        value = recipe[key]
+        if not (_is_number(value) and 0 <= value < 1):
+            raise RecipeError(f"recipe {key} must be a number in [0, 1), got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def total_batch(recipe: Mapping) -> int:

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from snzoo.errors import TrainingError
+
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """Batches of one global step, sliced per process.
@@ -20,9 +22,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True) -> None:
         if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} does not split over {world_size} processes")
+            raise TrainingError(f"global batch {global_batch} does not split over {world_size} processes")
         if num_samples < global_batch:
-            raise ValueError(f"{num_samples} training samples are fewer than one step's batch of {global_batch}")
+            raise TrainingError(f"{num_samples} training samples are fewer than one step's batch of {global_batch}; "
+                                "lower --batch (DEVICESxPER_DEVICE, e.g. 1x8) or add training images")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch = 0

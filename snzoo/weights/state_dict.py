@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import zipfile
@@ -13,6 +14,15 @@ from torch import Tensor
 
 from snzoo._io import PathLike, first_line
 from snzoo.errors import CheckpointError
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
+
+
+def names_a_file(target: str) -> bool:
+    """True when a name-or-path argument can only mean a file (a folder in it, or a checkpoint suffix), so a
+    missing one is reported as a missing file rather than as an unknown zoo entry."""
+    return Path(target).exists() or "/" in target or os.sep in target or target.endswith(CHECKPOINT_SUFFIXES)
 
 
 def is_safetensors_file(path: PathLike) -> bool:
