@@ -18,7 +18,7 @@ from torch import nn
 
 from snzoo._factory import create_model
 from snzoo._torch_utils import AMP_DTYPES, autocast, check_device, input_channels
-from snzoo.errors import BenchmarkError
+from snzoo.errors import BenchmarkError, DeviceError
 from snzoo.nn import cpu_kernels
 from snzoo.nn.functional import get_implementation
 
@@ -105,7 +105,10 @@ def _check_settings(batch: int, size: int, device: str, amp: Optional[str], step
             raise BenchmarkError(f"{label} must be an integer >= {least}, got {value!r}")
     if amp is not None and amp not in AMP_DTYPES:
         raise BenchmarkError(f"amp must be one of bfloat16, float16 (or none), got {amp!r}")
-    torch_device = check_device(device)
+    try:
+        torch_device = check_device(device)
+    except DeviceError as exc:
+        raise BenchmarkError(str(exc)) from None
     if torch_device.type not in ("cpu", "cuda"):
         raise BenchmarkError(f"device {device!r} is not supported by the benchmark; use cpu or cuda")
     return torch_device
