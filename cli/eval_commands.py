@@ -35,7 +35,16 @@ def _line(result) -> str:
 
 @click.command("eval")
 @click.argument("names", nargs=-1)
-@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class), a .txt list file, or fashion-mnist (its test set).")
+@click.option("--data", required=True, type=click.Path(),
+              help="Class folders, a .txt list file, fashion-mnist (its test set), or ImageNet val as Hugging Face "
+                   "datasets (save_to_disk folder, parquet shards, hfds:ORG/NAME), webdataset shards "
+                   "(wds:PATTERN, e.g. val-{0000..0063}.tar), ILSVRC2012_img_val.tar or the flat folder of "
+                   "ILSVRC2012_val_*.JPEG with the devkit.")
+@click.option("--split", help="Hugging Face datasets: the split (default validation).")
+@click.option("--image-column", help="Hugging Face datasets: the image column (default: found by name).")
+@click.option("--label-column", help="Hugging Face datasets: the label column (default: found by name).")
+@click.option("--devkit", type=click.Path(), help="ILSVRC2012_devkit_t12.tar.gz (or its folder, or its ground-truth "
+              "file beside meta.mat), when it does not lie beside the official val images.")
 @click.option("--root", type=click.Path(), help="Where a list file's relative paths start (default: its folder).")
 @click.option("--arch", help="Architecture of --checkpoint (e.g. resnet50v1_sn).")
 @click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")
@@ -53,8 +62,9 @@ def _line(result) -> str:
 @click.option("--results-file", type=click.Path(dir_okay=False), help="Append timm-style rows to a .csv or .json file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several models).")
-def eval_command(names, data, root, arch, checkpoint, resize, crop, interpolation, batch_size, workers, device, amp,
-                 channels_last, limit, skip_bad, per_class, results_file, quiet, as_json) -> None:
+def eval_command(names, data, split, image_column, label_column, devkit, root, arch, checkpoint, resize, crop,
+                 interpolation, batch_size, workers, device, amp, channels_last, limit, skip_bad, per_class,
+                 results_file, quiet, as_json) -> None:
     """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data."""
     if checkpoint is None and not names:
         raise click.UsageError("name a zoo entry, or pass --checkpoint FILE --arch ARCH")
@@ -67,7 +77,8 @@ def eval_command(names, data, root, arch, checkpoint, resize, crop, interpolatio
     for name in targets:
         result = evaluate_model(
             name, data=data, checkpoint=checkpoint, arch=arch, root=root, resize=resize, crop=crop,
-            interpolation=interpolation, skip_bad=skip_bad, batch_size=batch_size, workers=workers, device=device,
+            interpolation=interpolation, skip_bad=skip_bad, split=split, image_column=image_column,
+            label_column=label_column, devkit=devkit, batch_size=batch_size, workers=workers, device=device,
             amp=amp or False, channels_last=channels_last, limit=limit, per_class=per_class,
             progress=False if quiet or as_json else None,
         )

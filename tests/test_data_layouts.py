@@ -309,3 +309,70 @@ def test_labels_that_cannot_be_mapped_and_missing_packages_are_one_line_errors(t
     (tmp_path / "meta.mat").write_bytes(b"")
     (tmp_path / "gt.txt").write_text("1\n")
     _one_line_error(DataError, lambda: read_devkit(tmp_path / "gt.txt"), "pip install snzoo[data]")
+
+
+# ------------------------------------------------------------------------------------------------ snzoo eval
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("checkpoint") / "resnet18v1_sn-photos.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _cli_eval(checkpoint: Path, data: str, *options: str) -> dict:
+    from click.testing import CliRunner
+
+    from snzoo_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoint), "--arch", "resnet18v1_sn",
+                                      "--data", data, "-j", "0", "-b", "4", "--json", *options])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_snzoo_eval_reads_every_layout_with_the_same_result(layouts, checkpoint, model):
+    expected = evaluate(model, open_imagenet_val(layouts["folders"], TRANSFORM), workers=0, batch_size=COUNT)
+    for layout in ("folders", *LAYOUTS):
+        for data in {layouts[layout], PREFIXED.get(layout, "") + layouts[layout]}:
+            got = _cli_eval(checkpoint, data)
+            assert (got["n"], got["correct1"], got["correct5"]) == (expected.n, expected.correct1, expected.correct5)
+            assert got["config"]["data"] == data
+
+
+def test_snzoo_eval_passes_split_columns_and_devkit_on(layouts, checkpoint, tmp_path):
+    saved = _cli_eval(checkpoint, layouts["saved"], "--split", "validation", "--image-column", "img",
+                      "--label-column", "labels")
+    assert saved["n"] == COUNT
+    # The flat folder moved away from its devkit: --devkit names it.
+    moved = tmp_path / "val"
+    moved.mkdir()
+    for image in Path(layouts["flat"]).iterdir():
+        (moved / image.name).write_bytes(image.read_bytes())
+    devkit = Path(layouts["archive"]).parent / "ILSVRC2012_devkit_t12.tar.gz"
+    with_devkit = _cli_eval(checkpoint, str(moved), "--devkit", str(devkit))
+    assert (with_devkit["n"], with_devkit["correct1"]) == (saved["n"], saved["correct1"])
+
+
+def test_snzoo_eval_layout_errors_are_one_line(layouts, checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from snzoo_cli.main import cli
+
+    cases = [
+        (["--data", layouts["wds"], "--split", "validation"], "only applies to Hugging Face datasets"),
+        (["--data", "wds:" + str(tmp_path / "none-{0000..0001}.tar")], "none-0000.tar"),
+        (["--data", layouts["parquet"], "--label-column", "nope"], "nope"),
+    ]
+    for options, words in cases:
+        result = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoint), "--arch", "resnet18v1_sn",
+                                          "-j", "0", *options])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+    # A 10-class model cannot be scored on ImageNet val: said before anything is read.
+    result = CliRunner().invoke(cli, ["eval", "resnet20_sn", "--data", layouts["wds"], "-j", "0"])
+    assert result.exit_code == 1 and "1000 ImageNet classes, but the model has 10" in result.output

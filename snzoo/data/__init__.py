@@ -17,7 +17,7 @@ from snzoo.data.encoded import EncodedImageDataset, imagenet_classes, sample_fil
 from snzoo.data.hf_datasets import HFImageDataset
 from snzoo.data.ilsvrc_devkit import DevkitLabels, read_devkit
 from snzoo.data.ilsvrc_val import ILSVRCValArchive, ILSVRCValFolder
-from snzoo.data.layouts import open_imagenet_val
+from snzoo.data.layouts import PREFIXES as LAYOUT_PREFIXES, detect_layout, open_imagenet_val
 from snzoo.data.wds_shards import WebDatasetShards
 from snzoo.data.transforms import (
     IMAGENET_MEAN,
@@ -53,6 +53,8 @@ __all__ = [
     "imagenet_classes",
     "interpolation_mode",
     "load_rgb",
+    "LAYOUT_PREFIXES",
+    "detect_layout",
     "open_imagenet_val",
     "read_devkit",
     "sample_file_name",

@@ -48,7 +48,13 @@ def _is_official_tar(path: Path) -> bool:
     return bool(names) and all(VAL_NAME.match(n) for n in names)
 
 
-def _detect(data: str) -> str:
+def detect_layout(data: PathLike) -> str:
+    """The layout `data` is in: "folders" (class folders or a list file), "hfds", "wds" or "archive";
+    DataError when it is none of them."""
+    data = os.fspath(data)
+    prefix = next((p for p in PREFIXES if data.startswith(p)), None)
+    if prefix:
+        return prefix[:-1]
     path = Path(data)
     if "{" in data or any(c in data for c in "*?["):
         if data.endswith(".parquet"):
@@ -100,7 +106,7 @@ def open_imagenet_val(data: PathLike, transform: Transform | None, *, split: Opt
     """
     text = os.fspath(data)
     prefix = next((p for p in PREFIXES if text.startswith(p)), None)
-    layout = prefix[:-1] if prefix else _detect(text)
+    layout = detect_layout(text)
     target = text[len(prefix):] if prefix else text
     hf_options = {"split": split, "image_column": image_column, "label_column": label_column}
     if layout != "hfds" and any(v is not None for v in hf_options.values()):

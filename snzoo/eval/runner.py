@@ -13,7 +13,14 @@ from torchvision import transforms
 
 from snzoo import zoo
 from snzoo._factory import create_model
-from snzoo.data import DataError, build_eval_dataset, eval_transform_from_config
+from snzoo.data import (
+    LAYOUT_PREFIXES,
+    DataError,
+    build_eval_dataset,
+    detect_layout,
+    eval_transform_from_config,
+    open_imagenet_val,
+)
 from snzoo.data.fashion_mnist import FASHION_MNIST, FashionMNIST
 from snzoo._torch_utils import check_device
 from snzoo.eval.engine import EvalResult, evaluate
@@ -44,6 +51,25 @@ def class_names_for(data: Union[str, os.PathLike], num_classes: int) -> Union[Se
     return num_classes
 
 
+def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, **layout_options):
+    """The evaluation dataset of `data` and its class names (or count): class folders and list files as they
+    always were, every other layout as ImageNet val."""
+    text = os.fspath(data)
+    given = {k: v for k, v in layout_options.items() if v is not None}
+    # A missing plain path keeps the folder layout's own message; a pattern is shards.
+    pattern = any(c in text for c in "{*?[")
+    plain = not text.startswith(LAYOUT_PREFIXES) and not given and not pattern and (
+        not Path(text).exists() or detect_layout(text) == "folders")
+    if plain:
+        names = class_names_for(data, num_classes)
+        return build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad), names
+    if num_classes != len(imagenet_wnids()):
+        raise DataError(f"{text} is read as ImageNet val ({detect_layout(text)}), whose labels are the 1000 ImageNet "
+                        f"classes, but the model has {num_classes}; evaluate an ImageNet model on it")
+    dataset = open_imagenet_val(data, transform, root=root, skip_bad=skip_bad, **layout_options)
+    return dataset, list(dataset.classes)
+
+
 def _class_list(names: Union[Sequence[str], int], dataset) -> Optional[list[str]]:
     return list(names) if not isinstance(names, int) else getattr(dataset, "classes", None)
 
@@ -59,10 +85,19 @@ def evaluate_model(
     crop: Optional[int] = None,
     interpolation: Optional[str] = None,
     skip_bad: bool = False,
+    split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    devkit: Optional[Union[str, os.PathLike]] = None,
     **engine_options,
 ) -> EvalResult:
     """Evaluate a zoo entry (`name`, fetched and verified as needed) or a checkpoint file (`checkpoint` with
-    `arch` or an entry `name` for its architecture and eval config) on `data` (image folder or list file).
+    `arch` or an entry `name` for its architecture and eval config) on `data`.
+
+    `data`: class folders or a list file (any class count), `fashion-mnist`, or ImageNet val in any layout
+    `snzoo.data.open_imagenet_val` reads (Hugging Face datasets with `split` / `image_column` / `label_column`,
+    webdataset shards, the official archives or flat folder with `devkit`). The data is opened before the
+    weights are fetched.
 
     The eval config is the entry's (ImageNet 1-crop: resize 256, crop 224, bilinear, for bare checkpoints),
     with resize / crop / interpolation overrides; the result records the config used. engine_options go to
@@ -101,8 +136,8 @@ def evaluate_model(
             raise DataError(f"Fashion-MNIST has 10 classes but the model has {model.num_classes}")
         dataset, names = FashionMNIST("test", transform=transform), list(FashionMNIST.classes)
     else:
-        names = class_names_for(data, model.num_classes)
-        dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad)
+        dataset, names = _open_data(data, transform, model.num_classes, root=root, skip_bad=skip_bad, split=split,
+                                    image_column=image_column, label_column=label_column, devkit=devkit)
     if checkpoint is None:
         weights = fetch_weights(entry)
         model = create_model(entry.name, checkpoint_path=weights)
