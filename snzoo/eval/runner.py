@@ -51,6 +51,14 @@ def class_names_for(data: Union[str, os.PathLike], num_classes: int) -> Union[Se
     return num_classes
 
 
+def _layout_or_folders(path: str) -> str:
+    # A path of no known layout goes to the folder reader, whose error says what such a folder lacks.
+    try:
+        return detect_layout(path)
+    except DataError:
+        return "folders"
+
+
 def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, **layout_options):
     """The evaluation dataset of `data` and its class names (or count): class folders and list files as they
     always were, every other layout as ImageNet val."""
@@ -59,7 +67,7 @@ def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, **lay
     # A missing plain path keeps the folder layout's own message; a pattern is shards.
     pattern = any(c in text for c in "{*?[")
     plain = not text.startswith(LAYOUT_PREFIXES) and not given and not pattern and (
-        not Path(text).exists() or detect_layout(text) == "folders")
+        not Path(text).exists() or _layout_or_folders(text) == "folders")
     if plain:
         names = class_names_for(data, num_classes)
         return build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad), names
