@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from torch.utils.data import Subset
 from torchvision import transforms
 
 from snzoo import zoo
@@ -24,6 +25,7 @@ from snzoo.data import (
 from snzoo.data.fashion_mnist import FASHION_MNIST, FashionMNIST
 from snzoo._torch_utils import check_device
 from snzoo.eval.engine import EvalResult, evaluate
+from snzoo.eval.real_labels import load_real_labels, real_label_sets, real_labels_file
 from snzoo.models import build_model, infer_model_kwargs, skeleton
 from snzoo.weights import fetch_weights, hash_file, read_record, read_state_dict
 from snzoo.zoo import EvalConfig
@@ -41,14 +43,45 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 
 def class_names_for(data: Union[str, os.PathLike], num_classes: int) -> Union[Sequence[str], int]:
-    """How data labels map to the model's classes: ImageNet WordNet-id folders by the standard order
-    (so a subset of the 1000 folders works), anything else by count."""
+    """How data labels map to the model's classes: ImageNet WordNet-id folders by the standard order (so a
+    subset of the 1000 folders works), folders named 0, 1, ... by their number (ImageNetV2), anything else by
+    count."""
     path = Path(data)
-    if num_classes == 1000 and path.is_dir():
+    if path.is_dir():
         folders = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
-        if folders and all(WNID.match(f) for f in folders):
+        if num_classes == 1000 and folders and all(WNID.match(f) for f in folders):
             return imagenet_wnids()
+        # Folders named by class index (ImageNetV2's 0..999): the number is the label, not the sorted position.
+        if folders and all(f.isdigit() and str(int(f)) == f for f in folders):
+            return [str(i) for i in range(num_classes)]
     return num_classes
+
+
+def _scoring(dataset, data, real_labels, classes_in_data: bool, only_classes: Optional[Sequence[int]]):
+    """The dataset to score (only_classes keeps those classes' samples), the ReaL label set of every sample (by
+    dataset index, so computed before any subset), and the classes the logits are restricted to."""
+    if (classes_in_data or only_classes is not None or real_labels not in (None, False)) \
+            and not hasattr(dataset, "samples"):
+        raise DataError(f"{data}: ReaL labels and class restrictions need ImageNet images with file names; "
+                        "evaluate them on ImageNet-style data")
+    label_sets = None
+    if real_labels is not None and real_labels is not False:
+        file = None if real_labels is True or real_labels == "" else real_labels
+        label_sets = real_label_sets(dataset, load_real_labels(real_labels_file(file)))
+    if only_classes is not None:
+        keep = set(only_classes)
+        dataset = Subset(dataset, [i for i, (_, label) in enumerate(dataset.samples) if label in keep])
+        if len(dataset) == 0:
+            raise DataError(f"{data} holds no image of the {len(keep)} classes asked for")
+        return dataset, label_sets, sorted(keep)
+    return dataset, label_sets, classes_present(dataset) if classes_in_data else None
+
+
+def classes_present(dataset) -> list[int]:
+    """The sorted class indices that the dataset's samples carry (ImageNet-R and -A hold 200 of the 1000)."""
+    if isinstance(dataset, Subset):
+        return sorted({dataset.dataset.samples[i][1] for i in dataset.indices})
+    return sorted({label for _, label in dataset.samples})
 
 
 def _layout_or_folders(path: str) -> str:
@@ -97,6 +130,9 @@ def evaluate_model(
     image_column: Optional[str] = None,
     label_column: Optional[str] = None,
     devkit: Optional[Union[str, os.PathLike]] = None,
+    real_labels: Union[None, bool, str, os.PathLike] = None,
+    classes_in_data: bool = False,
+    only_classes: Optional[Sequence[int]] = None,
     **engine_options,
 ) -> EvalResult:
     """Evaluate a zoo entry (`name`, fetched and verified as needed) or a checkpoint file (`checkpoint` with
@@ -106,6 +142,11 @@ def evaluate_model(
     `snzoo.data.open_imagenet_val` reads (Hugging Face datasets with `split` / `image_column` / `label_column`,
     webdataset shards, the official archives or flat folder with `devkit`). The data is opened before the
     weights are fetched.
+
+    real_labels (True for the published real.json, fetched and verified, or a file) adds ImageNet-ReaL
+    accuracy (`result.real`); classes_in_data restricts the logits to the classes present in the data before
+    top-k (ImageNet-R and ImageNet-A: their 200 classes); only_classes keeps the samples of those classes and
+    restricts the logits to them (the "clean" ImageNet val baselines of ImageNet-R and -A).
 
     The eval config is the entry's (ImageNet 1-crop: resize 256, crop 224, bilinear, for bare checkpoints),
     with resize / crop / interpolation overrides; the result records the config used. engine_options go to
@@ -146,11 +187,13 @@ def evaluate_model(
     else:
         dataset, names = _open_data(data, transform, model.num_classes, root=root, skip_bad=skip_bad, split=split,
                                     image_column=image_column, label_column=label_column, devkit=devkit)
+    dataset, label_sets, class_subset = _scoring(dataset, data, real_labels, classes_in_data, only_classes)
     if checkpoint is None:
         weights = fetch_weights(entry)
         model = create_model(entry.name, checkpoint_path=weights)
         sha256 = (read_record(weights) or {}).get("source_sha256")
-    result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), **engine_options)
+    result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), class_subset=class_subset,
+                      label_sets=label_sets, **engine_options)
     used_resize = resize or config.resize
     used_crop = crop or config.crop
     result.config.update(

@@ -8,6 +8,7 @@ from snzoo.errors import UnpinnedWeightsWarning
 from snzoo.weights.cache import cache_dir, cache_files, cache_path, clean_cache
 from snzoo.weights.convert import read_record, write_safetensors
 from snzoo.weights.download import Digests, hash_file
+from snzoo.weights.files import fetch_file
 from snzoo.weights.fetch import cached_canonical, fetch_weights, find_cached, require_pinned_default
 from snzoo.weights.pins import check_digests, is_pinned
 from snzoo.weights.sources import hub_download, offline_mode, parse_hub_repo
@@ -15,7 +16,7 @@ from snzoo.weights.state_dict import CHECKPOINT_SUFFIXES, names_a_file, read_sta
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "names_a_file", "Digests", "UnpinnedWeightsWarning", "cache_dir", "cache_files", "cache_path",
-    "cached_canonical", "check_digests", "clean_cache", "fetch_weights", "find_cached", "hash_file",
+    "cached_canonical", "check_digests", "clean_cache", "fetch_file", "fetch_weights", "find_cached", "hash_file",
     "hub_download", "is_pinned", "offline_mode", "parse_hub_repo", "read_record", "read_state_dict",
     "require_pinned_default", "strip_prefix", "write_safetensors",
 ]
