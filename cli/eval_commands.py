@@ -7,7 +7,7 @@ import click
 
 from snzoo import zoo
 from snzoo.data import INTERPOLATIONS
-from snzoo.eval import append_results, check_results_file, evaluate_model
+from snzoo.eval import append_results, check_results_file, evaluate_model, run_suite, write_suite_results
 from snzoo_cli.output import echo_json
 
 
@@ -35,7 +35,7 @@ def _line(result) -> str:
 
 @click.command("eval")
 @click.argument("names", nargs=-1)
-@click.option("--data", required=True, type=click.Path(),
+@click.option("--data", type=click.Path(),
               help="Class folders, a .txt list file, fashion-mnist (its test set), or ImageNet val as Hugging Face "
                    "datasets (save_to_disk folder, parquet shards, hfds:ORG/NAME), webdataset shards "
                    "(wds:PATTERN, e.g. val-{0000..0063}.tar), ILSVRC2012_img_val.tar or the flat folder of "
@@ -45,6 +45,16 @@ def _line(result) -> str:
 @click.option("--label-column", help="Hugging Face datasets: the label column (default: found by name).")
 @click.option("--devkit", type=click.Path(), help="ILSVRC2012_devkit_t12.tar.gz (or its folder, or its ground-truth "
               "file beside meta.mat), when it does not lie beside the official val images.")
+@click.option("--real-labels", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Also score ImageNet-ReaL: the published real.json (fetched and verified), or FILE.")
+@click.option("--classes-in-data", is_flag=True,
+              help="Restrict the logits to the classes present in --data before top-k (ImageNet-R, ImageNet-A).")
+@click.option("--suite", type=click.Choice(["robustness"]),
+              help="Evaluate on every test set under --data-root and write timm-style results-*.csv files.")
+@click.option("--data-root", type=click.Path(), help="With --suite: the folder holding imagenet/, imagenetv2-"
+              "matched-frequency/, imagenet-sketch/, imagenet-r/, imagenet-a/ (and optionally real.json).")
+@click.option("--results-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="With --suite: where the results-*.csv files go.")
 @click.option("--root", type=click.Path(), help="Where a list file's relative paths start (default: its folder).")
 @click.option("--arch", help="Architecture of --checkpoint (e.g. resnet50v1_sn).")
 @click.option("--checkpoint", type=click.Path(), help="Evaluate this file (original format, state dict or safetensors).")
@@ -62,29 +72,44 @@ def _line(result) -> str:
 @click.option("--results-file", type=click.Path(dir_okay=False), help="Append timm-style rows to a .csv or .json file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several models).")
-def eval_command(names, data, split, image_column, label_column, devkit, root, arch, checkpoint, resize, crop,
-                 interpolation, batch_size, workers, device, amp, channels_last, limit, skip_bad, per_class,
-                 results_file, quiet, as_json) -> None:
-    """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data."""
+def eval_command(names, data, split, image_column, label_column, devkit, real_labels, classes_in_data, suite,
+                 data_root, results_dir, root, arch, checkpoint, resize, crop, interpolation, batch_size, workers,
+                 device, amp, channels_last, limit, skip_bad, per_class, results_file, quiet, as_json) -> None:
+    """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data, or on every set
+    of a --suite."""
     if checkpoint is None and not names:
         raise click.UsageError("name a zoo entry, or pass --checkpoint FILE --arch ARCH")
+    if (data is None) == (suite is None) or (suite is None) != (data_root is None):
+        raise click.UsageError("pass --data DATA, or --suite robustness with --data-root DIR")
     targets = _names(names) if names else [None]
     if checkpoint is not None and len(targets) > 1:
         raise click.UsageError("--checkpoint evaluates one model; name at most one entry with it")
     if results_file:
         check_results_file(results_file)
+    options = dict(checkpoint=checkpoint, arch=arch, resize=resize, crop=crop, interpolation=interpolation,
+                   skip_bad=skip_bad, batch_size=batch_size, workers=workers, device=device, amp=amp or False,
+                   channels_last=channels_last, limit=limit, progress=False if quiet or as_json else None)
+    if suite:
+        by_set = run_suite(targets, data_root, suite=suite,
+                           report=None if as_json else lambda key, r: click.echo(f"{key:<30} {_line(r)}"), **options)
+        files = write_suite_results(by_set, results_dir, suite)
+        if as_json:
+            echo_json({key: [r.to_dict() for r in found] for key, found in by_set.items()})
+        else:
+            click.echo("wrote " + ", ".join(str(f) for f in files))
+        return
     results = []
     for name in targets:
         result = evaluate_model(
-            name, data=data, checkpoint=checkpoint, arch=arch, root=root, resize=resize, crop=crop,
-            interpolation=interpolation, skip_bad=skip_bad, split=split, image_column=image_column,
-            label_column=label_column, devkit=devkit, batch_size=batch_size, workers=workers, device=device,
-            amp=amp or False, channels_last=channels_last, limit=limit, per_class=per_class,
-            progress=False if quiet or as_json else None,
+            name, data=data, root=root, split=split, image_column=image_column, label_column=label_column,
+            devkit=devkit, real_labels=real_labels, classes_in_data=classes_in_data, per_class=per_class, **options,
         )
         results.append(result)
         if not as_json:
             click.echo(_line(result))
+            if result.real is not None:
+                click.echo(f"  ImageNet-ReaL: top-1 {result.real['top1']:.3f}  top-5 {result.real['top5']:.3f}  "
+                           f"on {result.real['n']} images with ReaL labels")
             for bad in result.skipped:
                 click.echo(f"  skipped {bad['path']}: {bad['reason']}")
     if results_file:
