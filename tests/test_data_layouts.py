@@ -107,6 +107,10 @@ def layouts(tmp_path_factory, photos, permutation) -> dict[str, str]:
         (folders / imagenet_classes()[label]).mkdir(parents=True, exist_ok=True)
         (folders / imagenet_classes()[label] / name).write_bytes(data)
     found["folders"] = str(folders)
+    # The original's list file: paths relative to the list's folder, labels the class indices.
+    (root / "val_list.txt").write_text("".join(f"folders/{imagenet_classes()[label]}/{name} {label}\n"
+                                               for name, label, _ in photos))
+    found["list"] = str(root / "val_list.txt")
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(imagenet_classes()))})
     rows = {"image": [{"bytes": d, "path": n} for n, _, d in photos], "label": [label for _, label, _ in photos]}
@@ -189,14 +193,14 @@ def model():
     return model
 
 
-LAYOUTS = ("parquet", "saved", "wds", "archive", "flat")
+LAYOUTS = ("list", "parquet", "saved", "wds", "archive", "flat")
 PREFIXED = {"parquet": "hfds:", "saved": "hfds:", "wds": "wds:", "archive": "archive:", "flat": "archive:"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_gives_the_reference_files_labels_and_tensors(layout, layouts, reference):
     names, labels, images = reference
-    for data in (layouts[layout], PREFIXED[layout] + layouts[layout]):
+    for data in {layouts[layout], PREFIXED.get(layout, "") + layouts[layout]}:
         dataset = open_imagenet_val(data, TRANSFORM)
         assert dataset.num_classes == 1000 and list(dataset.classes) == list(imagenet_classes())
         got_names, got_labels, got_images = _items(dataset)

@@ -244,11 +244,13 @@ class ListFileDataset(EvalDataset):
     """Samples from a list file with one ``relative/path label`` per line, paths relative to ``root``.
 
     The label is the last whitespace-separated field, so paths may contain spaces; blank lines are ignored.
-    ``num_classes`` is the model's class count when given (labels must be below it), else max label + 1.
+    ``num_classes`` is the model's class count when given (labels must be below it), else max label + 1;
+    ``classes`` are the class names in label order when given (ImageNet's WordNet ids), else the label numbers.
     """
 
     def __init__(self, list_file: PathLike, root: PathLike, transform: Transform | None,
-                 skip_bad: bool = False, num_classes: int | None = None) -> None:
+                 skip_bad: bool = False, num_classes: int | None = None,
+                 classes: Sequence[str] | None = None) -> None:
         super().__init__(transform, skip_bad)
         self.list_file = Path(list_file)
         self.root = Path(root)
@@ -275,6 +277,7 @@ class ListFileDataset(EvalDataset):
             raise DataError(f"{len(missing)} of {len(self.samples)} files in {self.list_file} are missing, first: "
                             f"line {number} {text!r} ({path} not found); expected paths relative to {self.root}")
         self.num_classes = num_classes if num_classes is not None else max(label for _, label in self.samples) + 1
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
 
     def _read_lines(self) -> list[tuple[int, str]]:
         if not self.list_file.is_file():
@@ -306,6 +309,7 @@ def build_eval_dataset(data: PathLike, transform: Transform | None, root: PathLi
         return ImageFolderDataset(path, transform, class_names=class_names, skip_bad=skip_bad)
     if path.is_file() and path.suffix.lower() == ".txt":
         count = class_names if isinstance(class_names, int) or class_names is None else len(class_names)
+        names = None if isinstance(class_names, int) or class_names is None else class_names
         return ListFileDataset(path, path.parent if root is None else root, transform,
-                               skip_bad=skip_bad, num_classes=count)
+                               skip_bad=skip_bad, num_classes=count, classes=names)
     raise DataError(f"evaluation data {path} is neither a folder nor a .txt list file; {expected}")
