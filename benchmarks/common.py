@@ -19,12 +19,18 @@ PHOTOS = [
 ]
 
 
-def photo_folder(root: Path, images: int, classes: int = 8) -> Path:
-    """An ImageNet-style folder of `images` JPEGs made from real photographs (flips and crops of them)."""
+def photo_sources() -> list[Image.Image]:
+    """The real photographs of PHOTOS as RGB images at their own sizes."""
     sources = []
     for package, rel in PHOTOS:
         spec = importlib.util.find_spec(package)
         sources.append(Image.open(Path(spec.origin).parent / rel).convert("RGB"))
+    return sources
+
+
+def photo_folder(root: Path, images: int, classes: int = 8) -> Path:
+    """An ImageNet-style folder of `images` JPEGs made from real photographs (flips and crops of them)."""
+    sources = photo_sources()
     for i in range(images):
         image = sources[i % len(sources)]
         w, h = image.size

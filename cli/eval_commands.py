@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from snzoo import zoo
-from snzoo.data import INTERPOLATIONS
+from snzoo.data import DECODERS, INTERPOLATIONS
 from snzoo.eval import append_results, check_results_file, evaluate_model, run_suite, write_suite_results
 from snzoo_cli.output import echo_json
 
@@ -61,6 +61,9 @@ def _line(result) -> str:
 @click.option("--resize", type=click.IntRange(min=1), help="Override the entry's resize (short side).")
 @click.option("--crop", type=click.IntRange(min=1), help="Override the entry's center crop.")
 @click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), help="Override the resize interpolation.")
+@click.option("--decoder", type=click.Choice(list(DECODERS)), default="pil", show_default=True,
+              help="Image decoding: pil (the published protocol) or torchvision (libjpeg-turbo for JPEGs, the same "
+                   "transform on tensors; faster, with resize rounding slightly different from PIL's).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", "-j", type=click.IntRange(min=0), help="DataLoader workers (default: the CPU count).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -73,8 +76,9 @@ def _line(result) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several models).")
 def eval_command(names, data, split, image_column, label_column, devkit, real_labels, classes_in_data, suite,
-                 data_root, results_dir, root, arch, checkpoint, resize, crop, interpolation, batch_size, workers,
-                 device, amp, channels_last, limit, skip_bad, per_class, results_file, quiet, as_json) -> None:
+                 data_root, results_dir, root, arch, checkpoint, resize, crop, interpolation, decoder, batch_size,
+                 workers, device, amp, channels_last, limit, skip_bad, per_class, results_file, quiet,
+                 as_json) -> None:
     """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data, or on every set
     of a --suite."""
     if checkpoint is None and not names:
@@ -86,7 +90,7 @@ def eval_command(names, data, split, image_column, label_column, devkit, real_la
         raise click.UsageError("--checkpoint evaluates one model; name at most one entry with it")
     if results_file:
         check_results_file(results_file)
-    options = dict(checkpoint=checkpoint, arch=arch, resize=resize, crop=crop, interpolation=interpolation,
+    options = dict(checkpoint=checkpoint, arch=arch, resize=resize, crop=crop, interpolation=interpolation, decoder=decoder,
                    skip_bad=skip_bad, batch_size=batch_size, workers=workers, device=device, amp=amp or False,
                    channels_last=channels_last, limit=limit, progress=False if quiet or as_json else None)
     if suite:

@@ -61,10 +61,10 @@ def list_file(photo_folder) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(3)
-    model = snzoo.create_model("resnet18v1_sn", num_classes=len(CLASSES))
+def varied_model(seed: int, **kwargs) -> torch.nn.Module:
+    """resnet18v1_sn with random weights whose predictions still vary from photograph to photograph."""
+    torch.manual_seed(seed)
+    model = snzoo.create_model("resnet18v1_sn", **kwargs)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith("running_var"):
@@ -72,6 +72,11 @@ def small_model():
             if name.endswith(("mean_weight", "var_weight")):
                 tensor.normal_()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return varied_model(3, num_classes=len(CLASSES))
 
 
 def independent_counts(model, folder: Path, class_of) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ from snzoo.data.encoded import EncodedImageDataset, imagenet_classes, sample_fil
 from snzoo.data.hf_datasets import HFImageDataset
 from snzoo.data.ilsvrc_devkit import DevkitLabels, read_devkit
 from snzoo.data.ilsvrc_val import ILSVRCValArchive, ILSVRCValFolder
+from snzoo.data.decoders import DECODERS
 from snzoo.data.layouts import PREFIXES as LAYOUT_PREFIXES, detect_layout, open_imagenet_val
 from snzoo.data.wds_shards import WebDatasetShards
 from snzoo.data.transforms import (
@@ -29,6 +30,7 @@ from snzoo.data.transforms import (
 )
 
 __all__ = [
+    "DECODERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",

@@ -32,12 +32,13 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from snzoo._io import PathLike
+from snzoo.data.decoders import Decoded, check_decoder, decode_with
 from snzoo.errors import BadImageError, DataError
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _LAYOUT_HINT = "expected one sub-folder per class, e.g. {root}/n01440764/*.JPEG"
 
-Transform = Callable[[Image.Image], Any]
+Transform = Callable[[Decoded], Any]
 
 
 def _one_line(text: str) -> str:
@@ -88,6 +89,21 @@ def load_rgb(path: PathLike) -> Image.Image:
                             "expected a complete, readable image file") from exc
 
 
+def _file_bytes(path: PathLike) -> bytes | None:
+    # None leaves the error to PIL's decoding of the same file, so both decoders word it the same way.
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def load_image(path: PathLike, decoder: str = "pil") -> Decoded:
+    """``load_rgb(path)`` for the "pil" decoder; for "torchvision" a (3, H, W) uint8 RGB tensor (JPEGs decoded
+    by libjpeg-turbo, other formats by PIL). Bad files raise the same ``BadImageError`` with both."""
+    return decode_with(decoder, _file_bytes(path) if decoder != "pil" else None, lambda: load_rgb(path))
+
+
 class Skipped(NamedTuple):
     """A sample whose image could not be read, returned in its place when ``skip_bad`` is on."""
 
@@ -117,26 +133,34 @@ def collate_skip_bad(batch: Sequence[Any]) -> EvalBatch:
 
 
 class EvalDataset(Dataset):
-    """Evaluation samples ``(path, label)`` read as ``(transform(image), label, index)``; subclasses build the list."""
+    """Evaluation samples ``(path, label)`` read as ``(transform(image), label, index)``; subclasses build the list.
+
+    ``decoder`` ("pil" or "torchvision", see ``snzoo.data.decoders``) decides whether ``transform`` receives
+    PIL images or uint8 tensors.
+    """
 
     samples: list[tuple[str, int]]
     num_classes: int
 
-    def __init__(self, transform: Transform | None, skip_bad: bool) -> None:
+    def __init__(self, transform: Transform | None, skip_bad: bool, decoder: str = "pil") -> None:
         self.transform = transform
         self.skip_bad = skip_bad
+        self.decoder = check_decoder(decoder)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, index: int) -> Decoded:
+        return load_image(self.samples[index][0], self.decoder)
+
     def __getitem__(self, index: int) -> tuple[Any, int, int] | Skipped:
-        path, label = self.samples[index]
+        where, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            image = self._decode(index)
         except BadImageError as exc:
             if not self.skip_bad:
                 raise
-            return Skipped(index, path, str(exc))
+            return Skipped(index, where, str(exc))
         if self.transform is not None:
             image = self.transform(image)
         return image, label, index
@@ -172,8 +196,8 @@ class ImageFolderDataset(EvalDataset):
     """
 
     def __init__(self, root: PathLike, transform: Transform | None,
-                 class_names: Sequence[str] | int | None = None, skip_bad: bool = False) -> None:
-        super().__init__(transform, skip_bad)
+                 class_names: Sequence[str] | int | None = None, skip_bad: bool = False, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.root = Path(root)
         folders = self._scan_root()
         self.classes, index_of = self._class_index(folders, class_names)
@@ -250,8 +274,8 @@ class ListFileDataset(EvalDataset):
 
     def __init__(self, list_file: PathLike, root: PathLike, transform: Transform | None,
                  skip_bad: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None) -> None:
-        super().__init__(transform, skip_bad)
+                 classes: Sequence[str] | None = None, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.list_file = Path(list_file)
         self.root = Path(root)
         lines = self._read_lines()
@@ -292,11 +316,13 @@ class ListFileDataset(EvalDataset):
 
 
 def build_eval_dataset(data: PathLike, transform: Transform | None, root: PathLike | None = None,
-                       class_names: Sequence[str] | int | None = None, skip_bad: bool = False) -> EvalDataset:
+                       class_names: Sequence[str] | int | None = None, skip_bad: bool = False,
+                       decoder: str = "pil") -> EvalDataset:
     """The dataset for ``data``: a directory is an image folder, a ``.txt`` file a list file.
 
     ``root`` is where a list file's paths start (default: the list file's folder); ``class_names`` is the
-    model's class list or class count, used to check the data against the model.
+    model's class list or class count, used to check the data against the model; ``decoder`` is "pil" or
+    "torchvision" (``snzoo.data.decoders``).
     """
     path = Path(data)
     expected = "expected an image folder (one sub-folder per class) or a .txt list file of 'relative/path label'"
@@ -306,10 +332,10 @@ def build_eval_dataset(data: PathLike, transform: Transform | None, root: PathLi
         if root is not None:
             raise DataError(f"root {root} only applies to list files, but {path} is a folder; "
                             "expected no root with an image folder")
-        return ImageFolderDataset(path, transform, class_names=class_names, skip_bad=skip_bad)
+        return ImageFolderDataset(path, transform, class_names=class_names, skip_bad=skip_bad, decoder=decoder)
     if path.is_file() and path.suffix.lower() == ".txt":
         count = class_names if isinstance(class_names, int) or class_names is None else len(class_names)
         names = None if isinstance(class_names, int) or class_names is None else class_names
         return ListFileDataset(path, path.parent if root is None else root, transform,
-                               skip_bad=skip_bad, num_classes=count, classes=names)
+                               skip_bad=skip_bad, num_classes=count, classes=names, decoder=decoder)
     raise DataError(f"evaluation data {path} is neither a folder nor a .txt list file; {expected}")

@@ -20,7 +20,8 @@ from typing import Any, BinaryIO, NamedTuple, Optional
 
 from PIL import Image
 
-from snzoo.data.datasets import EvalDataset, Skipped, Transform, _cause, _to_rgb
+from snzoo.data.datasets import EvalDataset, Transform, _cause, _to_rgb
+from snzoo.data.decoders import Decoded, decode_with
 from snzoo.errors import BadImageError, DataError
 
 DATA_EXTRA = "pip install snzoo[data]"
@@ -82,8 +83,8 @@ class EncodedImageDataset(EvalDataset):
     samples: list[tuple[str, int]]
     file_names: list[str]
 
-    def __init__(self, transform: Transform | None, skip_bad: bool) -> None:
-        super().__init__(transform, skip_bad)
+    def __init__(self, transform: Transform | None, skip_bad: bool, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.classes = list(imagenet_classes())
         self.num_classes = len(self.classes)
 
@@ -94,17 +95,9 @@ class EncodedImageDataset(EvalDataset):
     def _read(self, index: int) -> bytes:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int] | Skipped:
-        where, label = self.samples[index]
-        try:
-            image = decode_rgb(self._read(index), where)
-        except BadImageError as exc:
-            if not self.skip_bad:
-                raise
-            return Skipped(index, where, str(exc))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label, index
+    def _decode(self, index: int) -> Decoded:
+        data = self._read(index)
+        return decode_with(self.decoder, data, lambda: decode_rgb(data, self.samples[index][0]))
 
 
 class TarMember(NamedTuple):

@@ -147,8 +147,8 @@ class HFImageDataset(EncodedImageDataset):
 
     def __init__(self, source: PathLike, transform: Transform | None, *, split: str = "validation",
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
-                 skip_bad: bool = False) -> None:
-        super().__init__(transform, skip_bad)
+                 skip_bad: bool = False, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.source = os.fspath(source)
         dataset = _load(self.source, split)
         columns = list(dataset.column_names)

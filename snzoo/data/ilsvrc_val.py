@@ -34,8 +34,8 @@ class ILSVRCValArchive(EncodedImageDataset):
     """The images of ``ILSVRC2012_img_val.tar`` in file-name order, labelled by the devkit."""
 
     def __init__(self, val_tar: PathLike, transform: Transform | None, devkit: Optional[PathLike] = None,
-                 skip_bad: bool = False) -> None:
-        super().__init__(transform, skip_bad)
+                 skip_bad: bool = False, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.val_tar = Path(val_tar)
         if not self.val_tar.is_file():
             raise DataError(f"validation archive {self.val_tar} does not exist; expected {VAL_TAR}")
@@ -57,8 +57,8 @@ class ILSVRCValFolder(EvalDataset):
     """A flat folder of ``ILSVRC2012_val_*.JPEG`` files in file-name order, labelled by the devkit."""
 
     def __init__(self, folder: PathLike, transform: Transform | None, devkit: Optional[PathLike] = None,
-                 skip_bad: bool = False) -> None:
-        super().__init__(transform, skip_bad)
+                 skip_bad: bool = False, decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.root = Path(folder)
         names = sorted(n for n in os.listdir(self.root) if VAL_NAME.match(n)) if self.root.is_dir() else []
         if not names:

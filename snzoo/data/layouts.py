@@ -84,24 +84,26 @@ def detect_layout(data: PathLike) -> str:
     raise _unknown(data, "is a folder of no known layout")
 
 
-def _official(data: str, transform: Transform | None, devkit: Optional[PathLike], skip_bad: bool) -> Dataset:
+def _official(data: str, transform: Transform | None, devkit: Optional[PathLike], skip_bad: bool,
+              decoder: str) -> Dataset:
     path = Path(data)
     if path.is_dir() and (path / VAL_TAR).is_file():
         path = path / VAL_TAR
     if path.is_dir():
-        return ILSVRCValFolder(path, transform, devkit=devkit, skip_bad=skip_bad)
-    return ILSVRCValArchive(path, transform, devkit=devkit, skip_bad=skip_bad)
+        return ILSVRCValFolder(path, transform, devkit=devkit, skip_bad=skip_bad, decoder=decoder)
+    return ILSVRCValArchive(path, transform, devkit=devkit, skip_bad=skip_bad, decoder=decoder)
 
 
 def open_imagenet_val(data: PathLike, transform: Transform | None, *, split: Optional[str] = None,
                       image_column: Optional[str] = None, label_column: Optional[str] = None,
                       devkit: Optional[PathLike] = None, root: Optional[PathLike] = None,
-                      skip_bad: bool = False) -> Dataset:
+                      skip_bad: bool = False, decoder: str = "pil") -> Dataset:
     """ImageNet val from ``data`` in whichever layout it is (see the module docstring), as an evaluation dataset.
 
     ``split``, ``image_column`` and ``label_column`` apply to Hugging Face datasets (default split
     "validation", columns found by name); ``devkit`` is the ILSVRC2012 devkit for the official layout when it
-    does not lie beside the images; ``root`` is where a list file's paths start. Labels are the models' class
+    does not lie beside the images; ``root`` is where a list file's paths start; ``decoder`` is "pil" or
+    "torchvision" (``snzoo.data.decoders``). Labels are the models' class
     indices, checked: a layout whose labels cannot be mapped to them raises ``DataError``.
     """
     text = os.fspath(data)
@@ -118,9 +120,10 @@ def open_imagenet_val(data: PathLike, transform: Transform | None, *, split: Opt
                         f"expected {VAL_TAR} or a folder of ILSVRC2012_val_*.JPEG")
     if layout == "hfds":
         return HFImageDataset(target, transform, split=split or "validation", image_column=image_column,
-                              label_column=label_column, skip_bad=skip_bad)
+                              label_column=label_column, skip_bad=skip_bad, decoder=decoder)
     if layout == "wds":
-        return WebDatasetShards(target, transform, skip_bad=skip_bad)
+        return WebDatasetShards(target, transform, skip_bad=skip_bad, decoder=decoder)
     if layout == "archive":
-        return _official(target, transform, devkit, skip_bad)
-    return build_eval_dataset(target, transform, root=root, class_names=imagenet_classes(), skip_bad=skip_bad)
+        return _official(target, transform, devkit, skip_bad, decoder)
+    return build_eval_dataset(target, transform, root=root, class_names=imagenet_classes(), skip_bad=skip_bad,
+                              decoder=decoder)

@@ -1,14 +1,22 @@
-"""The 1-crop evaluation transform: resize the short side, centre crop, to tensor, normalise."""
+"""The 1-crop evaluation transform: resize the short side, centre crop, to tensor, normalise.
+
+Two forms: on PIL images (the published protocol, for the "pil" decoder) and on uint8 tensors (for the
+"torchvision" decoder). They differ only by the resampling of the resize (PIL's and torch's antialiased filters
+round differently), a small difference measured by tests/test_eval_decoder.py.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
+import torch
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from snzoo.data.datasets import DataError
+from snzoo.data.decoders import check_decoder
 from snzoo.zoo import EvalConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,13 +55,8 @@ def _check_channels(what: str, values: Sequence[float]) -> tuple[float, ...]:
     return triple  # type: ignore[return-value]
 
 
-def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | InterpolationMode = "bilinear",
-                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
-    """PIL RGB image -> normalised (3, crop, crop) float tensor, as in the published 1-crop protocol.
-
-    The short side is resized to ``resize`` (antialiased, on the PIL image), then the centre ``crop`` x ``crop``
-    square is taken.
-    """
+def _checked(resize: Any, crop: Any, mean: Sequence[float],
+             std: Sequence[float]) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     resize = _check_size("resize", resize)
     crop = _check_size("crop", crop)
     if crop > resize:
@@ -63,6 +66,35 @@ def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | Inte
     std = _check_channels("std", std)
     if any(s <= 0 for s in std):
         raise DataError(f"std must be positive per channel, got {std!r}")
+    return resize, crop, mean, std
+
+
+class TensorEvalTransform:
+    """uint8 (3, H, W) RGB tensor -> normalised (C, crop, crop) float tensor: the 1-crop protocol on tensors.
+
+    Resize of the short side (antialiased), centre crop, scale to [0, 1] as ToTensor does, normalise.
+    """
+
+    def __init__(self, resize: int, crop: int, interpolation: InterpolationMode, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = F.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
+        image = F.center_crop(image, [self.crop, self.crop])
+        # float() then div(255) is ToTensor's own arithmetic, so equal pixels give bit-equal inputs.
+        return F.normalize(image.float().div_(255), self.mean, self.std, inplace=True)
+
+
+def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | InterpolationMode = "bilinear",
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
+    """PIL RGB image -> normalised (3, crop, crop) float tensor, as in the published 1-crop protocol.
+
+    The short side is resized to ``resize`` (antialiased, on the PIL image), then the centre ``crop`` x ``crop``
+    square is taken.
+    """
+    resize, crop, mean, std = _checked(resize, crop, mean, std)
     return transforms.Compose([
         transforms.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
         transforms.CenterCrop(crop),
@@ -71,11 +103,21 @@ def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | Inte
     ])
 
 
-def eval_transform_from_config(cfg: EvalConfig, **overrides: Any) -> transforms.Compose:
+def eval_tensor_transform(resize: int = 256, crop: int = 224, interpolation: str | InterpolationMode = "bilinear",
+                          mean: Sequence[float] = IMAGENET_MEAN,
+                          std: Sequence[float] = IMAGENET_STD) -> TensorEvalTransform:
+    """``eval_transform`` for uint8 RGB tensors (the "torchvision" decoder's images), checked the same way."""
+    resize, crop, mean, std = _checked(resize, crop, mean, std)
+    return TensorEvalTransform(resize, crop, interpolation_mode(interpolation), mean, std)
+
+
+def eval_transform_from_config(cfg: EvalConfig, *, decoder: str = "pil",
+                               **overrides: Any) -> Union[transforms.Compose, TensorEvalTransform]:
     """The evaluation transform of a zoo entry's ``EvalConfig``, with any of its settings overridden.
 
     Overrides are resize, crop, interpolation, mean and std; an override of None keeps the entry's value, so
-    optional command-line options can be passed straight through.
+    optional command-line options can be passed straight through. ``decoder`` picks the form: PIL images for
+    "pil", uint8 tensors for "torchvision".
     """
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
     if unknown:
@@ -83,4 +125,6 @@ def eval_transform_from_config(cfg: EvalConfig, **overrides: Any) -> transforms.
     settings = {"resize": cfg.resize, "crop": cfg.crop, "interpolation": cfg.interpolation,
                 "mean": cfg.mean, "std": cfg.std}
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if check_decoder(decoder) == "torchvision":
+        return eval_tensor_transform(**settings)
     return eval_transform(**settings)

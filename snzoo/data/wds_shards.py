@@ -97,8 +97,9 @@ def _file_name(parts: dict[str, TarMember], handle: BinaryIO, key: str, image_ex
 class WebDatasetShards(EncodedImageDataset):
     """The samples of webdataset tar shards in shard and member order; labels are ImageNet class indices."""
 
-    def __init__(self, shards: PathLike, transform: Transform | None, skip_bad: bool = False) -> None:
-        super().__init__(transform, skip_bad)
+    def __init__(self, shards: PathLike, transform: Transform | None, skip_bad: bool = False,
+                 decoder: str = "pil") -> None:
+        super().__init__(transform, skip_bad, decoder)
         self.shards = expand_shards(shards)
         self.samples, self.file_names, self._images = [], [], []
         for shard in self.shards:

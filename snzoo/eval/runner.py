@@ -22,6 +22,7 @@ from snzoo.data import (
     eval_transform_from_config,
     open_imagenet_val,
 )
+from snzoo.data.decoders import check_decoder
 from snzoo.data.fashion_mnist import FASHION_MNIST, FashionMNIST
 from snzoo._torch_utils import check_device
 from snzoo.eval.engine import EvalResult, evaluate
@@ -92,7 +93,7 @@ def _layout_or_folders(path: str) -> str:
         return "folders"
 
 
-def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, **layout_options):
+def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, decoder: str, **layout_options):
     """The evaluation dataset of `data` and its class names (or count): class folders and list files as they
     always were, every other layout as ImageNet val."""
     text = os.fspath(data)
@@ -103,11 +104,12 @@ def _open_data(data, transform, num_classes: int, *, root, skip_bad: bool, **lay
         not Path(text).exists() or _layout_or_folders(text) == "folders")
     if plain:
         names = class_names_for(data, num_classes)
-        return build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad), names
+        dataset = build_eval_dataset(data, transform, root=root, class_names=names, skip_bad=skip_bad, decoder=decoder)
+        return dataset, names
     if num_classes != len(imagenet_wnids()):
         raise DataError(f"{text} is read as ImageNet val ({detect_layout(text)}), whose labels are the 1000 ImageNet "
                         f"classes, but the model has {num_classes}; evaluate an ImageNet model on it")
-    dataset = open_imagenet_val(data, transform, root=root, skip_bad=skip_bad, **layout_options)
+    dataset = open_imagenet_val(data, transform, root=root, skip_bad=skip_bad, decoder=decoder, **layout_options)
     return dataset, list(dataset.classes)
 
 
@@ -133,6 +135,7 @@ def evaluate_model(
     real_labels: Union[None, bool, str, os.PathLike] = None,
     classes_in_data: bool = False,
     only_classes: Optional[Sequence[int]] = None,
+    decoder: str = "pil",
     **engine_options,
 ) -> EvalResult:
     """Evaluate a zoo entry (`name`, fetched and verified as needed) or a checkpoint file (`checkpoint` with
@@ -141,7 +144,8 @@ def evaluate_model(
     `data`: class folders or a list file (any class count), `fashion-mnist`, or ImageNet val in any layout
     `snzoo.data.open_imagenet_val` reads (Hugging Face datasets with `split` / `image_column` / `label_column`,
     webdataset shards, the official archives or flat folder with `devkit`). The data is opened before the
-    weights are fetched.
+    weights are fetched. `decoder`: "pil" (the published protocol) or "torchvision" (libjpeg-turbo JPEG decoding
+    and the same transform on tensors, faster; see `snzoo.data.decoders`); Fashion-MNIST has nothing to decode.
 
     real_labels (True for the published real.json, fetched and verified, or a file) adds ImageNet-ReaL
     accuracy (`result.real`); classes_in_data restricts the logits to the classes present in the data before
@@ -153,6 +157,7 @@ def evaluate_model(
     `snzoo.eval.evaluate` (batch_size, workers, device, amp, channels_last, limit, per_class, progress).
     """
     check_device(engine_options.get("device", "cpu"))
+    check_decoder(decoder)
     entry = zoo.get_entry(name) if name and (checkpoint is None or "." in name) else None
     if checkpoint is not None:
         architecture = arch or (entry.architecture if entry else name)
@@ -177,7 +182,10 @@ def evaluate_model(
         raise DataError(f"{architecture if checkpoint is not None else label} takes {model.conv1.in_channels}-channel "
                         f"images but the eval config normalises {len(config.mean)} channels; name the checkpoint's "
                         "entry for its eval config: snzoo eval ARCH.TAG --checkpoint FILE --data ...")
-    transform = eval_transform_from_config(config, resize=resize, crop=crop, interpolation=interpolation)
+    if str(data) == FASHION_MNIST:
+        decoder = "pil"  # its images are arrays in memory, handed over as PIL images
+    transform = eval_transform_from_config(config, decoder=decoder, resize=resize, crop=crop,
+                                           interpolation=interpolation)
     if model.conv1.in_channels == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     if str(data) == FASHION_MNIST:
@@ -185,8 +193,8 @@ def evaluate_model(
             raise DataError(f"Fashion-MNIST has 10 classes but the model has {model.num_classes}")
         dataset, names = FashionMNIST("test", transform=transform), list(FashionMNIST.classes)
     else:
-        dataset, names = _open_data(data, transform, model.num_classes, root=root, skip_bad=skip_bad, split=split,
-                                    image_column=image_column, label_column=label_column, devkit=devkit)
+        dataset, names = _open_data(data, transform, model.num_classes, root=root, skip_bad=skip_bad, decoder=decoder,
+                                    split=split, image_column=image_column, label_column=label_column, devkit=devkit)
     dataset, label_sets, class_subset = _scoring(dataset, data, real_labels, classes_in_data, only_classes)
     if checkpoint is None:
         weights = fetch_weights(entry)
@@ -199,6 +207,7 @@ def evaluate_model(
     result.config.update(
         data=str(data), resize=used_resize, crop=used_crop, crop_pct=round(used_crop / used_resize, 4),
         interpolation=interpolation or config.interpolation, mean=list(config.mean), std=list(config.std),
+        decoder=decoder,
     )
     result.param_count = sum(p.numel() for p in model.parameters())
     result.checkpoint_sha256 = sha256

@@ -55,7 +55,7 @@ def fetch_file(source: Source, what: str, *, offline: Optional[bool] = None, pro
                 partial.unlink(missing_ok=True)
                 failures.append(str(exc))
                 continue
-            os.replace(partial, target)
+            partial.replace(target)  # verified, so it may take the final name
             return target
     digest = f"sha256 {source.sha256}" if source.sha256 else "no published checksum"
     if not failures:
