@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from torch import nn
 
@@ -20,6 +20,8 @@ def create_model(
     pretrained: bool = False,
     num_classes: Optional[int] = None,
     checkpoint_path: Optional[Union[str, Path]] = None,
+    features_only: bool = False,
+    out_indices: Optional[Union[int, Sequence[int]]] = None,
     **overrides,
 ) -> nn.Module:
     """Build an architecture or zoo entry, optionally with weights.
@@ -34,9 +36,15 @@ def create_model(
     `snzoo.hub.export_hf` writes): `hf-hub:ORG/REPO[@REVISION]` fetches it from the Hub through the
     huggingface_hub cache (cache only when SNZOO_OFFLINE / HF_HUB_OFFLINE is set), `local-dir:PATH` reads it
     from disk. Their weights come with them, so checkpoint_path is refused for those names.
+
+    Backbones: features_only=True returns the trunk, whose forward gives the feature maps of the stages in
+    out_indices (0 the stem, then the residual stages; None: all) and whose `feature_info` gives their channels
+    and reductions; `output_stride=16` or `8` dilates the last stages of the ImageNet ResNets; `in_chans=N`
+    adapts the weights' first convolution to N input channels.
     """
+    features = {"features_only": features_only, "out_indices": out_indices}
     if name.startswith(_FOLDER_PREFIXES):
-        return _from_folder(name, pretrained, num_classes, checkpoint_path, overrides)
+        return _from_folder(name, pretrained, num_classes, checkpoint_path, overrides, features)
     entry = get_entry(name) if "." in name or pretrained else None
     architecture = entry.architecture if entry is not None else get_architecture(name).name
     kwargs = {**(entry.model_kwargs() if entry is not None else {}), **overrides}
@@ -47,10 +55,12 @@ def create_model(
     else:
         state_dict, source = None, ""
     return build_model(architecture, kwargs, state_dict=state_dict, source=source, num_classes=num_classes,
-                       pretrained_cfg=entry.to_dict() if entry is not None else None)
+                       pretrained_cfg=entry.to_dict() if entry is not None else None, **features)
 
 
-def _from_folder(name: str, pretrained: bool, num_classes: Optional[int], checkpoint_path, overrides) -> nn.Module:
+def _from_folder(
+    name: str, pretrained: bool, num_classes: Optional[int], checkpoint_path, overrides, features: dict
+) -> nn.Module:
     # Imported here: only these names need the Hub client and the folder logic.
     from snzoo import hub
     from snzoo.hub.config import model_kwargs, pretrained_cfg
@@ -66,4 +76,4 @@ def _from_folder(name: str, pretrained: bool, num_classes: Optional[int], checkp
     state_dict = read_state_dict(folder.weights) if folder.weights is not None else None
     return build_model(folder.config["architecture"], {**model_kwargs(folder.config), **overrides},
                        state_dict=state_dict, source=f"{folder.where}/{hub.WEIGHTS_NAME}", num_classes=num_classes,
-                       pretrained_cfg=pretrained_cfg(folder.config, folder.where))
+                       pretrained_cfg=pretrained_cfg(folder.config, folder.where), **features)

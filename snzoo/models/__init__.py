@@ -11,8 +11,10 @@ from snzoo.models.registry import (
 )
 from snzoo.models.resnet import ResNet
 from snzoo.models.resnet_cifar import ResNetCifar
+from snzoo.models._features import FeatureInfo, FeatureListNet
 from snzoo.models._builder import (
     CLASSIFIER_PREFIX,
+    adapt_input_conv,
     build_model,
     check_finite,
     check_state_dict,
@@ -24,7 +26,8 @@ from snzoo.models._builder import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CLASSIFIER_PREFIX", "NORMS", "ArchitectureSpec", "ResNet", "ResNetCifar", "build_model",
+    "ARCHITECTURES", "CLASSIFIER_PREFIX", "NORMS", "ArchitectureSpec", "FeatureInfo", "FeatureListNet", "ResNet",
+    "ResNetCifar", "adapt_input_conv", "build_model",
     "check_finite", "check_state_dict", "check_values", "compare_state_dict", "get_architecture", "infer_model_kwargs", "list_architectures",
     "load_checked", "skeleton", "unknown_name_message",
 ]

@@ -8,12 +8,14 @@ floating-point tensor holds a floating dtype and finite values; any difference i
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from snzoo.errors import CheckpointError
+from snzoo.models._features import FeatureListNet, Indices
 from snzoo.models.registry import get_architecture
 
 CLASSIFIER_PREFIX = "fc."
@@ -27,12 +29,17 @@ def build_model(
     source: str = "checkpoint",
     num_classes: Optional[int] = None,
     pretrained_cfg: Optional[Mapping[str, Any]] = None,
+    features_only: bool = False,
+    out_indices: Indices = None,
 ) -> nn.Module:
     """Build an architecture with its builder arguments and, when given, load a checked state dict.
 
     num_classes overrides the class count; when it differs from the state dict's, the classifier is
     re-initialised and every other tensor loaded. pretrained_cfg (the zoo entry's, or a model folder's) is
     kept on the model with `architecture`, so a model always says what it is and how it is evaluated.
+    When the model's `in_chans` differs from the weights', their first convolution is adapted (adapt_input_conv).
+    features_only returns the trunk as a FeatureListNet giving the feature maps of the stages in out_indices
+    (None: all), with the same weights loaded as the full model.
     """
     spec = get_architecture(architecture)
     kwargs = dict(model_kwargs or {})
@@ -44,8 +51,43 @@ def build_model(
     if state_dict is not None:
         weights_classes = state_dict.get(CLASSIFIER_PREFIX + "weight")
         reset_head = num_classes is not None and weights_classes is not None and weights_classes.shape[0] != num_classes
-        load_checked(model, state_dict, source=source, skip_classifier=reset_head)
-    return model
+        load_checked(model, _adapt_first_conv(model, state_dict), source=source, skip_classifier=reset_head)
+    return FeatureListNet(model, out_indices) if features_only else model
+
+
+def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
+    """A first convolution's weight (O, I, kH, kW) made to take in_chans input channels, as timm's rule.
+
+    One channel: the sum over the I channels (a grey image gives what its replication to I channels gave).
+    Otherwise the I channels are repeated up to in_chans and scaled by I / in_chans, which keeps the response
+    to an input whose channels are repeated likewise (timm: 3 / in_chans from RGB weights).
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"expected a (O, I, kH, kW) convolution weight, got shape {tuple(weight.shape)}")
+    have = weight.shape[1]
+    if in_chans == have:
+        return weight
+    # Computed in float32 at least, so half-precision weights are not rounded twice.
+    work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    if in_chans == 1:
+        adapted = work.sum(dim=1, keepdim=True)
+    else:
+        repeats = math.ceil(in_chans / have)
+        adapted = work.repeat(1, repeats, 1, 1)[:, :in_chans] * (have / in_chans)
+    return adapted.to(weight.dtype)
+
+
+def _adapt_first_conv(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The state dict with its first convolution adapted to the model's input channels, where only those differ."""
+    key = getattr(model, "first_conv", None)
+    if key is None or key + ".weight" not in state_dict:
+        return state_dict
+    key += ".weight"
+    given, expected = state_dict[key], model.state_dict()[key]
+    same_otherwise = given.dim() == 4 and given.shape[:1] + given.shape[2:] == expected.shape[:1] + expected.shape[2:]
+    if given.shape[1] == expected.shape[1] or not same_otherwise or not given.is_floating_point():
+        return state_dict  # equal, or a difference the key / shape check reports
+    return {**state_dict, key: adapt_input_conv(given, expected.shape[1])}
 
 
 def skeleton(architecture: str, **model_kwargs) -> nn.Module:

@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from snzoo.models._features import FeatureInfo, Indices, run_stages, take_indices
 
 
 class PooledClassifier(nn.Module):
     """Base of the ResNets: subclasses build the trunk and `forward_features`; this adds the head.
 
     The head is adaptive average pooling, dropout and a linear layer `fc` (keys `fc.weight`, `fc.bias`).
+    Subclasses also describe their trunk as stages (`_set_stages`), which gives `feature_info` and
+    `forward_intermediates`.
     """
 
     num_features: int
     num_classes: int
+    first_conv = "conv1"  # the convolution that sees the input channels (adapted for another in_chans)
+    feature_stages: tuple[tuple[str, ...], ...]
+    feature_info: FeatureInfo
+
+    def _set_stages(self, stages: Sequence[Sequence[str]], info: Sequence[Mapping[str, Any]]) -> None:
+        """Record the trunk as stages of top-level module names, run in order, and each stage's output."""
+        self.feature_stages = tuple(tuple(names) for names in stages)
+        self.feature_info = FeatureInfo(info, range(len(info)))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """The feature maps of the stages in `indices` (None: all; an int n: the last n; a list: those), as
+        timm's forward_intermediates: (final features, intermediates), or the intermediates alone.
+
+        The final features are forward_features' (unless stop_early ends the trunk at the last stage asked for).
+        norm is accepted for timm's callers and changes nothing: a v2 model's final norm and ReLU belong to its
+        last stage, so every stage output is already what the next layer or the head reads.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take = take_indices(len(self.feature_stages), indices)
+        stages = self.feature_stages[: max(take) + 1] if stop_early or intermediates_only else self.feature_stages
+        final, intermediates = run_stages(self._modules, stages, x, take)
+        return intermediates if intermediates_only else (final, intermediates)
 
     def _make_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         self.num_features = num_features

@@ -58,6 +58,12 @@ class ResNetCifar(PooledClassifier):
             setattr(self, f"layer{index + 1}", self._make_layer(width, blocks, stride, factory))
         self._make_head(WIDTHS[-1], num_classes, drop_rate)
         self._init_convs()
+        # Stages for features: 0 the stem after its ReLU (full resolution), 1-3 layer1..layer3.
+        self._set_stages(
+            [("conv1", "sn1", "relu"), ("layer1",), ("layer2",), ("layer3",)],
+            [{"num_chs": c, "reduction": r, "module": m}
+             for c, r, m in zip((WIDTHS[0],) + WIDTHS, (1, 1, 2, 4), ("relu", "layer1", "layer2", "layer3"))],
+        )
 
     def _make_layer(self, planes: int, blocks: int, stride: int, norm: NormFactory) -> nn.Sequential:
         downsample = None

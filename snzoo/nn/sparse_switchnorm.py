@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -27,11 +29,16 @@ class SparseSwitchNorm2d(_SwitchNorm):
         momentum: float = 0.997,
         using_moving_average: bool = True,
         last_gamma: bool = False,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=last_gamma)
-        self.register_buffer("mean_fixed", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("var_fixed", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("radius", torch.zeros(1))
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=last_gamma,
+                         device=device, dtype=dtype)
+        # The flags stay integers whatever dtype is asked for (as BatchNorm's num_batches_tracked).
+        self.register_buffer("mean_fixed", torch.zeros(1, dtype=torch.long, device=device))
+        self.register_buffer("var_fixed", torch.zeros(1, dtype=torch.long, device=device))
+        self.register_buffer("radius", torch.zeros(1, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -43,8 +43,12 @@ class _SwitchNorm(nn.Module):
         using_moving_average: bool = True,
         using_bn: bool = True,
         last_gamma: bool = False,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        factory = {"device": device, "dtype": dtype}  # as torch's norm layers: frameworks build on a device
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -54,14 +58,14 @@ class _SwitchNorm(nn.Module):
         self.ghost_batch_size: Optional[int] = None
         self.process_group: Optional[object] = None
         shape = (1, num_features) + (1,) * (self.param_dims - 2)
-        self.weight = nn.Parameter(torch.ones(shape))
-        self.bias = nn.Parameter(torch.zeros(shape))
+        self.weight = nn.Parameter(torch.ones(shape, **factory))
+        self.bias = nn.Parameter(torch.zeros(shape, **factory))
         num_terms = len(self.terms)  # 3 (IN, LN, BN), 2 without BN, 2 (LN, BN) for SwitchNorm1d
-        self.mean_weight = nn.Parameter(torch.ones(num_terms))
-        self.var_weight = nn.Parameter(torch.ones(num_terms))
+        self.mean_weight = nn.Parameter(torch.ones(num_terms, **factory))
+        self.var_weight = nn.Parameter(torch.ones(num_terms, **factory))
         if using_bn:
-            self.register_buffer("running_mean", torch.zeros(self.buffer_shape()))
-            self.register_buffer("running_var", torch.zeros(self.buffer_shape()))
+            self.register_buffer("running_mean", torch.zeros(self.buffer_shape(), **factory))
+            self.register_buffer("running_var", torch.zeros(self.buffer_shape(), **factory))
         self.reset_parameters()
 
     def buffer_shape(self) -> tuple[int, ...]:
@@ -193,8 +197,12 @@ class SwitchNorm2d(_SwitchNorm):
         using_moving_average: bool = True,
         using_bn: bool = True,
         last_gamma: bool = False,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, using_moving_average, using_bn, last_gamma)
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn, last_gamma,
+                         device=device, dtype=dtype)
 
 
 class SwitchNorm3d(_SwitchNorm):
@@ -229,9 +237,17 @@ class SwitchNorm1d(_SwitchNorm):
     param_dims = 2
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, momentum: float = 0.997, using_moving_average: bool = True
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.997,
+        using_moving_average: bool = True,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=False)
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn=True, last_gamma=False,
+                         device=device, dtype=dtype)
 
     def buffer_shape(self) -> tuple[int, ...]:
         return (1, self.num_features)
