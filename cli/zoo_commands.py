@@ -1,4 +1,4 @@
-"""`snzoo list` and `snzoo info`."""
+"""`snzoo list`, `snzoo info` and `snzoo inspect`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 
 import snzoo
 from snzoo.tools.describe import describe
+from snzoo.tools.inspect import importance_table, inspect_importance
 from snzoo.zoo import zoo_table_markdown
 from snzoo_cli.output import echo_json
 
@@ -89,4 +90,17 @@ def info_command(name: str, as_json: bool) -> None:
     click.echo(f"  cache         {info['cache_dir']}")
 
 
-COMMANDS = [list_command, info_command]
+@click.command("inspect")
+@click.argument("target", metavar="NAME|FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per SN layer.")
+def inspect_command(target: str, as_json: bool) -> None:
+    """The IN / LN / BN importance weights of every SN layer (after softmax, or sparsestmax for Sparse SN) of a zoo
+    entry or architecture (its pretrained weights) or a checkpoint FILE; one row per layer."""
+    rows = inspect_importance(target)
+    if as_json:
+        echo_json(rows)
+    else:
+        click.echo(importance_table(rows))
+
+
+COMMANDS = [list_command, info_command, inspect_command]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from snzoo.nn import functional as F_sn
+from snzoo.nn.norm_act import SwitchNormAct2d
 from snzoo.nn.switchnorm import _SwitchNorm
 
 
@@ -75,6 +76,9 @@ class FrozenSwitchNorm(nn.Module):
             self.register_buffer(name, value.to(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
         if self.per_sample:
             scale, shift = self._per_sample_scale_shift(x)
         else:
@@ -106,6 +110,22 @@ class FrozenSwitchNorm(nn.Module):
         )
 
 
+class FrozenSwitchNormAct(FrozenSwitchNorm):
+    """A frozen `SwitchNormAct2d`: FrozenSwitchNorm, then (copies of) the layer's dropout and activation."""
+
+    def __init__(self, layer: SwitchNormAct2d) -> None:
+        super().__init__(layer)
+        self.drop = copy.deepcopy(layer.drop)
+        self.act = copy.deepcopy(layer.act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(self._normalize(x)))
+
+
+def _frozen_layer(layer: _SwitchNorm) -> FrozenSwitchNorm:
+    return FrozenSwitchNormAct(layer) if isinstance(layer, SwitchNormAct2d) else FrozenSwitchNorm(layer)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode float32 CPU copy of `model` whose SN layers are `FrozenSwitchNorm`s, without gradients.
 
@@ -113,6 +133,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """
     layers = [m for m in model.modules() if isinstance(m, _SwitchNorm)]
     # deepcopy takes what the memo holds for an object, so the copy gets the frozen layers in their places.
-    memo = {id(layer): FrozenSwitchNorm(layer) for layer in layers}
+    memo = {id(layer): _frozen_layer(layer) for layer in layers}
     frozen = copy.deepcopy(model, memo) if not isinstance(model, _SwitchNorm) else memo[id(model)]
     return frozen.float().cpu().eval().requires_grad_(False)

@@ -63,8 +63,9 @@ class SparseSwitchNorm2d(_SwitchNorm):
         return w
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
+        # The raw weights among the inputs: in eval (norm_eval fine-tuning) a gradient must still reach them.
         if (self.training and torch.is_grad_enabled()) or not _reusable_outside_autograd(
-                self.radius, self.mean_fixed, self.var_fixed):
+                self.mean_weight, self.var_weight, self.radius, self.mean_fixed, self.var_fixed):
             return self._weights(self.mean_weight, self.mean_fixed), self._weights(self.var_weight, self.var_fixed)
         # Without a gradient step the weights change only when their inputs do: sparsestmax is a few dozen small
         # operations, as long as a small layer's normalisation itself, so eval reuses the last result.

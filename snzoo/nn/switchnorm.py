@@ -30,10 +30,12 @@ class _SwitchNorm(nn.Module):
     Attributes set after construction:
     - ghost_batch_size: BN statistics over groups of this many samples (emulates per-device statistics).
     - process_group: synchronise the BN statistics over this torch.distributed group (SyncSwitchNorm2d).
+    - norm_eval: stay in eval mode through model.train() (snzoo.nn.set_norm_eval).
     """
 
     input_dims: tuple[int, ...] = ()
     param_dims: int = 4  # weight / bias shape (1, C, 1, 1)
+    norm_eval: bool = False  # snzoo.nn.set_norm_eval; a class default, so layers unpickled from older code have it
 
     def __init__(
         self,
@@ -88,6 +90,14 @@ class _SwitchNorm(nn.Module):
     @property
     def terms(self) -> tuple[str, ...]:
         return F_sn.TERMS_SN if self.using_bn else F_sn.TERMS_SN_NO_BN
+
+    def train(self, mode: bool = True) -> "_SwitchNorm":
+        """As nn.Module.train, except that a layer in norm_eval mode stays in eval mode itself (its submodules,
+        such as an activation's dropout, follow `mode`)."""
+        super().train(mode)
+        if self.norm_eval:
+            self.training = False
+        return self
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """The mixing weights of the mean and variance statistics, ordered as `terms`."""

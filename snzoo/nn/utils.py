@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from snzoo.nn._checks import check_sync_or_ghost
@@ -68,3 +69,30 @@ def drop_bn_branch(model: nn.Module) -> int:
         layer.using_bn = False
         changed += 1
     return changed
+
+
+def reopen_sparse_switchnorm(model: nn.Module, margin: float = 1e-3, radius: float = 0.0) -> int:
+    """Re-open the fixed one-hot importance weights of every SSN layer, so fine-tuning can choose again.
+
+    A fixed vector gets its flag cleared and its raw weights set to (1 - margin) on the selected term and 0
+    elsewhere: sparsemax of that keeps every term in the support (margin / 3 on each unselected one, 1 - 2 margin / 3
+    on the selected), so the layer starts from the same selection, within `margin`, with a gradient on all three
+    weights (an exact one-hot has none). The layer's radius is set to `radius` (0, the start of the SSN schedule, by
+    default: a radius near 1 would push the weights straight back to the one-hot). Returns the layers re-opened.
+    """
+    if not 0.0 < margin < 1.0:
+        raise ValueError(f"margin must be in (0, 1), got {margin}")
+    reopened = 0
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, SparseSwitchNorm2d)):
+            fixed = [(layer.mean_weight, layer.mean_fixed), (layer.var_weight, layer.var_fixed)]
+            fixed = [(raw, flag) for raw, flag in fixed if bool(flag.item())]
+            for raw, flag in fixed:
+                selected = raw.argmax()
+                raw.zero_()
+                raw[selected] = 1.0 - margin
+                flag.zero_()
+            if fixed:
+                layer.set_radius(radius)
+                reopened += 1
+    return reopened

@@ -13,12 +13,12 @@ from snzoo._factory import create_model
 from snzoo.errors import TrainingError, UnknownModelError
 from snzoo.models import skeleton
 from snzoo.weights import names_a_file
-from snzoo.nn import drop_bn_branch, switchnorm_layers
+from snzoo.nn import drop_bn_branch, reopen_sparse_switchnorm, switchnorm_layers
 
 
 def build_run_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
-    """The run's model: created or loaded (--init), importance weights reset, BN branch dropped, parameters frozen,
-    as the TrainConfig `cfg` says; `log` gets what was changed."""
+    """The run's model: created or loaded (--init), importance weights reset or SSN re-opened, BN branch dropped,
+    parameters frozen, as the TrainConfig `cfg` says; `log` gets what was changed."""
     kwargs = dict(cfg.model_overrides)
     kwargs.setdefault("drop_rate", cfg.recipe.get("dropout", 0.0))
     _check_freeze(cfg)
@@ -36,6 +36,10 @@ def build_run_model(cfg, num_classes: int, log: Callable[[str], None]) -> nn.Mod
                 for flag in ("mean_fixed", "var_fixed"):
                     if hasattr(layer, flag):
                         getattr(layer, flag).zero_()
+    if cfg.reopen_ssn:
+        reopened = reopen_sparse_switchnorm(model)
+        log(f"--reopen-ssn: {reopened} Sparse SN layers had fixed one-hot importance weights; re-opened from the "
+            "same selection")
     per_device = cfg.recipe["batch"]["per_device"]
     drop = cfg.drop_bn if cfg.drop_bn is not None else per_device == 1
     if drop:

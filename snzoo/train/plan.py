@@ -35,6 +35,7 @@ class TrainConfig:
     deterministic: bool = False
     freeze: tuple = ()
     reset_importance: bool = False
+    reopen_ssn: bool = False  # re-open fixed one-hot SSN importance weights (snzoo.nn.reopen_sparse_switchnorm)
     drop_bn: Optional[bool] = None
     num_classes: Optional[int] = None
     log_every: int = 10
