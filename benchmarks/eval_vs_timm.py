@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import snzoo
-from snzoo.data import EvalDataset, build_eval_dataset, eval_transform_from_config
+from snzoo.data import BatchNormalize, EvalDataset, build_eval_dataset, eval_uint8_transform_from_config
 from snzoo.eval import IMAGENET_EVAL, class_names_for, default_workers, evaluate, imagenet_wnids, make_loader
 
 from common import PHOTOS, cpu_model, environment, photo_sources
@@ -49,19 +49,19 @@ def real_photo_folder(root: Path, images: int, classes: int = 8) -> Path:
     return root
 
 
-def snzoo_dataset(root: Path, decoder: str) -> EvalDataset:
-    """The dataset `snzoo eval --data ROOT --decoder DECODER` reads."""
-    transform = eval_transform_from_config(IMAGENET_EVAL, decoder=decoder)
-    return build_eval_dataset(root, transform, class_names=class_names_for(root, 1000), decoder=decoder)
+def snzoo_dataset(root: Path, decoder: str) -> tuple[EvalDataset, BatchNormalize]:
+    """The dataset `snzoo eval --data ROOT --decoder DECODER` reads (uint8 images), and its per-batch normalisation."""
+    transform, normalize = eval_uint8_transform_from_config(IMAGENET_EVAL, decoder=decoder)
+    return build_eval_dataset(root, transform, class_names=class_names_for(root, 1000), decoder=decoder), normalize
 
 
 def snzoo_round(model, root: Path, batch_size: int, workers: int, device: str, decoder: str,
                 limit: int | None = None) -> tuple[int, float]:
     """(images, seconds) of what `snzoo eval --data ROOT` runs once the model is loaded."""
     start = time.perf_counter()
-    dataset = snzoo_dataset(root, decoder)
+    dataset, normalize = snzoo_dataset(root, decoder)
     result = evaluate(model, dataset, batch_size=batch_size, workers=workers, device=device, progress=False,
-                      limit=limit)
+                      limit=limit, normalize=normalize)
     return result.n, time.perf_counter() - start
 
 
@@ -91,7 +91,8 @@ def data_only_round(side: str, model, root: Path, batch_size: int) -> tuple[int,
     if side == "timm":
         loader = timm_loader(timm_config(model), root, batch_size, 0, "cpu")
     else:
-        loader = make_loader(snzoo_dataset(root, side.split("-", 1)[1]), batch_size, workers=0)
+        dataset, normalize = snzoo_dataset(root, side.split("-", 1)[1])
+        loader = ((normalize(batch[0]), batch[1]) for batch in make_loader(dataset, batch_size, workers=0))
     n = sum(len(batch[1]) for batch in loader)
     return n, time.perf_counter() - start
 

@@ -183,3 +183,21 @@ def test_unknown_decoder_is_one_line_error(photo_folder):
         _dataset(photo_folder, "cv2")
     with pytest.raises(DataError, match="unknown image decoder"):
         build_eval_dataset(photo_folder, None, decoder="cv2")
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_uint8_images_normalised_per_batch_equal_the_per_image_transform_bit_for_bit(decoder, tmp_path):
+    """evaluate_model hands uint8 images to the engine and normalises per batch; the tensors must be the
+    1-crop transform's exactly, for both decoders, on real photographs (grayscale and CMYK included)."""
+    from snzoo.data import eval_transform_from_config, eval_uint8_transform_from_config
+    from snzoo.data.datasets import load_image
+    from snzoo.eval import IMAGENET_EVAL
+
+    full = eval_transform_from_config(IMAGENET_EVAL, decoder=decoder)
+    per_image, per_batch = eval_uint8_transform_from_config(IMAGENET_EVAL, decoder=decoder)
+    paths = photo_paths()
+    expected = torch.stack([full(load_image(p, decoder)) for p in paths[:6]])
+    images = torch.stack([per_image(load_image(p, decoder)) for p in paths[:6]])
+    assert images.dtype == torch.uint8
+    assert torch.equal(per_batch(images), expected)
+    assert per_batch(expected) is expected  # a float batch passes unchanged

@@ -26,6 +26,8 @@ from snzoo.data.transforms import (
     INTERPOLATIONS,
     eval_transform,
     eval_transform_from_config,
+    eval_uint8_transform_from_config,
+    BatchNormalize,
     interpolation_mode,
 )
 
@@ -52,6 +54,8 @@ __all__ = [
     "collate_skip_bad",
     "eval_transform",
     "eval_transform_from_config",
+    "eval_uint8_transform_from_config",
+    "BatchNormalize",
     "imagenet_classes",
     "interpolation_mode",
     "load_rgb",

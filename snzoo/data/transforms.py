@@ -76,15 +76,36 @@ class TensorEvalTransform:
     """
 
     def __init__(self, resize: int, crop: int, interpolation: InterpolationMode, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+                 std: Sequence[float], uint8: bool = False) -> None:
         self.resize, self.crop, self.interpolation = resize, crop, interpolation
         self.mean, self.std = list(mean), list(std)
+        self.uint8 = uint8  # stop before the scaling: BatchNormalize does it per batch
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = F.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
         image = F.center_crop(image, [self.crop, self.crop])
+        if self.uint8:
+            return image
         # float() then div(255) is ToTensor's own arithmetic, so equal pixels give bit-equal inputs.
         return F.normalize(image.float().div_(255), self.mean, self.std, inplace=True)
+
+
+class BatchNormalize:
+    """uint8 (N, C, H, W) batch -> normalised float batch: ToTensor's scaling and Normalize, once per batch.
+
+    The same elementwise arithmetic as per-image ToTensor + Normalize, so the result is bit-identical, and much
+    cheaper: loader workers hand over uint8 images (a quarter of the bytes to collate and pass between
+    processes), and the arithmetic runs once per batch, on the model's device. A batch that is not uint8 (a
+    user's own float transform) passes unchanged.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        return F.normalize(images.float().div_(255), self.mean, self.std, inplace=True)
 
 
 def eval_transform(resize: int = 256, crop: int = 224, interpolation: str | InterpolationMode = "bilinear",
@@ -109,6 +130,18 @@ def eval_tensor_transform(resize: int = 256, crop: int = 224, interpolation: str
     """``eval_transform`` for uint8 RGB tensors (the "torchvision" decoder's images), checked the same way."""
     resize, crop, mean, std = _checked(resize, crop, mean, std)
     return TensorEvalTransform(resize, crop, interpolation_mode(interpolation), mean, std)
+
+
+def eval_uint8_transform_from_config(cfg: EvalConfig, *, decoder: str = "pil",
+                                     **overrides: Any) -> tuple[Any, BatchNormalize]:
+    """``eval_transform_from_config`` split in two: the per-image part up to uint8 (C, crop, crop) tensors, and
+    the per-batch scaling and normalisation; applied one after the other they give its exact tensors."""
+    full = eval_transform_from_config(cfg, decoder=decoder, **overrides)
+    if isinstance(full, TensorEvalTransform):
+        return (TensorEvalTransform(full.resize, full.crop, full.interpolation, full.mean, full.std, uint8=True),
+                BatchNormalize(full.mean, full.std))
+    resize, crop, _, normalize = full.transforms
+    return transforms.Compose([resize, crop, transforms.PILToTensor()]), BatchNormalize(normalize.mean, normalize.std)
 
 
 def eval_transform_from_config(cfg: EvalConfig, *, decoder: str = "pil",

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -149,6 +149,7 @@ def evaluate(
     name: str = "model",
     class_subset: Optional[Sequence[int]] = None,
     label_sets: Optional[Sequence[Sequence[int]]] = None,
+    normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> EvalResult:
     """Top-1 / top-5 accuracy (percent) of `model` over `data` in eval mode, with throughput.
 
@@ -157,6 +158,8 @@ def evaluate(
     float32). per_class adds each class's top-1 and sample count. Unreadable images skipped by a skip-bad
     dataset are listed in `skipped`. class_subset restricts the logits to those class indices before top-k
     (ImageNet-R, ImageNet-A); label_sets (indexed like the dataset) adds ImageNet-ReaL accuracy to `real`.
+    normalize turns each batch into the model's input on the device (`snzoo.data.BatchNormalize` for datasets
+    that give uint8 images, as `evaluate_model`'s do).
     """
     device = torch.device(device)
     loader = make_loader(data, batch_size, workers, device.type, limit) if isinstance(data, Dataset) else data
@@ -178,6 +181,8 @@ def evaluate(
                 if labels.numel() == 0:
                     continue
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
+                if normalize is not None:
+                    images = normalize(images)
                 labels = labels.to(device, non_blocking=True)
                 tally.add(model(images).float(), labels, indices)
                 bar.update(labels.numel())

@@ -19,7 +19,7 @@ from snzoo.data import (
     DataError,
     build_eval_dataset,
     detect_layout,
-    eval_transform_from_config,
+    eval_uint8_transform_from_config,
     open_imagenet_val,
 )
 from snzoo.data.decoders import check_decoder
@@ -184,8 +184,9 @@ def evaluate_model(
                         "entry for its eval config: snzoo eval ARCH.TAG --checkpoint FILE --data ...")
     if str(data) == FASHION_MNIST:
         decoder = "pil"  # its images are arrays in memory, handed over as PIL images
-    transform = eval_transform_from_config(config, decoder=decoder, resize=resize, crop=crop,
-                                           interpolation=interpolation)
+    # uint8 images from the loader and one normalisation per batch: the exact tensors of the 1-crop transform.
+    transform, normalize = eval_uint8_transform_from_config(config, decoder=decoder, resize=resize, crop=crop,
+                                                            interpolation=interpolation)
     if model.conv1.in_channels == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     if str(data) == FASHION_MNIST:
@@ -201,7 +202,7 @@ def evaluate_model(
         model = create_model(entry.name, checkpoint_path=weights)
         sha256 = (read_record(weights) or {}).get("source_sha256")
     result = evaluate(model, dataset, name=label, class_names=_class_list(names, dataset), class_subset=class_subset,
-                      label_sets=label_sets, **engine_options)
+                      label_sets=label_sets, normalize=normalize, **engine_options)
     used_resize = resize or config.resize
     used_crop = crop or config.crop
     result.config.update(
