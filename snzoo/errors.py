@@ -122,4 +122,15 @@ class DeviceError(SnzooError, ValueError):
     """A --device that names no device type, or a GPU this machine does not have."""
 
 
-__all__ = ["BadImageError", "BenchmarkError", "CheckpointError", "ChecksumError", "DataError", "DeviceError", "DownloadError", "ExportError", "KernelBuildError", "KernelInputError", "ManifestError", "MetricsLogError", "ModelConfigError", "OutputError", "PlotError", "RecipeError", "SnzooError", "TrainingError", "UnknownModelError", "UnpinnedWeightsWarning", "WeightsNotAvailableError"]
+# ------------------------------------------------------------------------------------------ integrations
+
+
+class IntegrationImportError(SnzooError, ImportError):
+    """An integration (snzoo.integrations.timm) imported where the library it plugs into is not installed."""
+
+
+class IntegrationArgumentError(SnzooError, TypeError):
+    """An argument of a third-party API (timm.create_model's kwargs) that snzoo's models cannot honour."""
+
+
+__all__ = ["BadImageError", "BenchmarkError", "CheckpointError", "ChecksumError", "DataError", "DeviceError", "DownloadError", "ExportError", "IntegrationArgumentError", "IntegrationImportError", "KernelBuildError", "KernelInputError", "ManifestError", "MetricsLogError", "ModelConfigError", "OutputError", "PlotError", "RecipeError", "SnzooError", "TrainingError", "UnknownModelError", "UnpinnedWeightsWarning", "WeightsNotAvailableError"]

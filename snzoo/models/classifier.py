@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence, Union
+import warnings
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +85,26 @@ class PooledClassifier(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier).
+
+        global_pool is timm's argument: None or "avg" (the only pooling these models have) are accepted.
+        """
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be 'avg' (or None), got {global_pool!r}: the head always averages")
         self.num_classes = num_classes
         device = next(self.parameters()).device
         self.fc = nn.Linear(self.num_features, num_classes).to(device) if num_classes else nn.Identity()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for activation checkpointing; accepted, but activations are always kept.
+
+        Recomputing a block in the backward pass would run its SN / BN layers a second time in training mode
+        and update their running statistics twice per step, so the trained model would not be the one the
+        recipe describes. enable=True warns that memory use stays as it is.
+        """
+        self.grad_checkpointing = False
+        if enable:
+            warnings.warn(f"{type(self).__name__} does not checkpoint activations (its norm layers' running "
+                          f"statistics would be updated twice); training runs with memory use unchanged",
+                          UserWarning, stacklevel=2)
