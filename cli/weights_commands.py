@@ -69,11 +69,17 @@ def verify_command(target, arch, as_json) -> None:
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
 @click.option("--arch", required=True, help="The architecture the checkpoint belongs to, e.g. resnet50v1_sn.")
+@click.option("--to", "to", type=click.Choice(["snzoo", "detectron"]), default="snzoo", show_default=True,
+              help="snzoo: canonical safetensors; detectron: {'model': state_dict} for Detectron.pytorch-style code.")
+@click.option("--fpn", is_flag=True, help="With --to detectron: keys under Conv_Body.conv_body. (an FPN body).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def convert_command(src, dst, arch, as_json) -> None:
-    """Convert a checkpoint (original format, state dict or safetensors) into checked safetensors DST."""
-    report = convert_checkpoint(src, dst, arch)
-    echo_json(report) if as_json else click.echo(f"{dst}: {report['architecture']}, sha256 {report['sha256']}")
+def convert_command(src, dst, arch, to, fpn, as_json) -> None:
+    """Convert a checkpoint (original format, state dict, safetensors or Detectron.pytorch) into checked DST."""
+    if fpn and to != "detectron":
+        raise click.UsageError("--fpn applies only to --to detectron")
+    report = convert_checkpoint(src, dst, arch, to=to, fpn=fpn)
+    layout = "" if to == "snzoo" else f" (detectron{' FPN' if fpn else ''} layout)"
+    echo_json(report) if as_json else click.echo(f"{dst}: {report['architecture']}{layout}, sha256 {report['sha256']}")
 
 
 @click.command("pin")

@@ -42,6 +42,15 @@ PUBLISHED = {
     "resnet50v1_ssn.in1k_8x2_step100": (75.85, 92.73, "1r485fLeSAwS5zKrxcAtGxa_mPr1lWcoS",
                                         "dadb0f1a0c49c31aedd6cb83d4996a03"),
 }
+# The detection release's backbones: name -> (Drive id of the FPN-keyed file, of the plain file, using_bn, the
+# paper's table top-1 for SN at that batch, which is not a measurement of these files).
+DETECTRON_RELEASE = {
+    "resnet50v1_sn.in1k_8x2_detectron": ("1b0ia4AnSGL__8pAKG-n4w3CSeYCjlNwe", "1U_nftWTUqcjfprSY8w9FRYTjwWnD5nLN",
+                                         True, "75.6"),
+    "resnet50v1_sn.in1k_8x1_detectron": ("16-6MGOHFkwyRImGv3EI71nsOSF9lMRH9", "1gDy06UAPKxENPyqobqY164uIcKu9P8Xv",
+                                         False, "75.0"),
+}
+WITHOUT_BN = {"resnet50v1_sn.in1k_8x1_step100", "resnet50v1_sn.in1k_8x1_detectron"}
 DESIGN_ARCHS = [f"resnet{d}v{v}_{n}" for d in (18, 34, 50, 101, 152) for v in (1, 2) for n in ("sn", "bn", "gn")]
 DESIGN_ARCHS.append("resnet50v1_ssn")
 
@@ -70,9 +79,10 @@ def write(path: Path, data) -> Path:
 def test_shipped_manifest_has_the_twelve_published_entries():
     m = zoo.load_manifest()
     imagenet = [name for name, e in m.entries.items() if e.eval.dataset == "imagenet-1k-val"]
-    assert imagenet == list(PUBLISHED)  # file order is the reference table's order
+    # File order is the reference table's order, then the detection release's backbones.
+    assert imagenet == list(PUBLISHED) + list(DETECTRON_RELEASE)
     norms = [m.entries[n].norm.type for n in imagenet]
-    assert norms.count("sn") == 7 and norms.count("ssn") == 5
+    assert norms.count("sn") == 9 and norms.count("ssn") == 5
     assert m.path.name == SHIPPED and m.overlay is None
 
 
@@ -98,6 +108,21 @@ def test_published_metrics_sources_and_checksums(name):
     assert entry.eval.mean == (0.485, 0.456, 0.406) and entry.eval.std == (0.229, 0.224, 0.225)
 
 
+@pytest.mark.parametrize("name", list(DETECTRON_RELEASE))
+def test_detection_release_backbones_are_unpinned_drive_files_without_published_accuracy(name):
+    fpn_id, plain_id, using_bn, paper_top1 = DETECTRON_RELEASE[name]
+    entry = zoo.load_manifest().entries[name]
+    assert [s.url for s in entry.sources] == [GD + fpn_id, GD + plain_id]
+    assert all(s.kind == "gdrive" and s.format == "detectron" for s in entry.sources)
+    assert all(s.sha256 is None and s.md5 is None and s.size is None for s in entry.sources)  # never invented
+    assert entry.metrics == {"imagenet-1k-val": zoo.Metrics(top1=None, top5=None)}
+    assert any(paper_top1 in note and "paper's table" in note for note in entry.notes)
+    assert any("detection release" in note for note in entry.notes)
+    assert entry.norm.using_bn is using_bn and not entry.default and entry.num_classes == 1000
+    assert entry.provenance["repository"] == "https://github.com/switchablenorms/SwitchNorm_Detection"
+    assert (entry.eval.resize, entry.eval.crop, entry.eval.interpolation) == (256, 224, "bilinear")
+
+
 def test_upstream_file_names_where_known():
     m = zoo.load_manifest()
     assert m.entries["resnet50v1_sn.in1k_8x32_cos120"].sources[0].file_name == "ResNet50v1+SN(8,32)-77.49.pth"
@@ -119,7 +144,7 @@ def test_norm_settings_follow_the_code_that_trained_each_checkpoint():
     m = zoo.load_manifest()
     for name, entry in imagenet_entries(m).items():
         assert entry.norm.last_gamma is ("v1_" in name), name
-        assert entry.norm.using_bn is (name != "resnet50v1_sn.in1k_8x1_step100"), name
+        assert entry.norm.using_bn is (name not in WITHOUT_BN), name
         if name.endswith("cos120"):
             assert (entry.norm.momentum, entry.norm.using_moving_average) == (0.9, True), name
         elif entry.norm.type == "sn":
@@ -278,7 +303,7 @@ def test_list_models_pretrained():
     assert set(PUBLISHED) <= set(zoo.list_models("*.in1k_*", pretrained=True))
     # The pattern matches the architecture as well as the full entry name.
     assert zoo.list_models("resnet50v1_sn", pretrained=True) == sorted(
-        n for n in PUBLISHED if n.startswith("resnet50v1_sn."))
+        n for n in [*PUBLISHED, *DETECTRON_RELEASE] if n.startswith("resnet50v1_sn."))
     assert zoo.list_models("*.in1k_8x4*", pretrained=True) == [
         "resnet50v1_sn.in1k_8x4_step100", "resnet50v1_ssn.in1k_8x4_step100"]
     assert zoo.list_models("*cos120", pretrained=True) == sorted(n for n in PUBLISHED if n.endswith("cos120"))

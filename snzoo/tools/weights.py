@@ -17,6 +17,7 @@ from snzoo.errors import ManifestError, OutputError, WeightsNotAvailableError
 from snzoo.models import check_finite, check_state_dict, infer_model_kwargs
 from snzoo.version import __version__
 from snzoo.weights import (
+    DETECTRON,
     cache_dir,
     cached_canonical,
     check_digests,
@@ -25,6 +26,7 @@ from snzoo.weights import (
     is_pinned,
     read_record,
     read_state_dict,
+    save_detectron_checkpoint,
     write_safetensors,
 )
 from snzoo.weights.convert import verify_canonical
@@ -84,21 +86,34 @@ def verify_file(path: os.PathLike | str, architecture: Optional[str] = None) -> 
     return report
 
 
-def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architecture: str, **overrides) -> dict:
-    """Convert a checkpoint (original format, state dict or safetensors) into checked canonical safetensors."""
+def convert_checkpoint(src: os.PathLike | str, dst: os.PathLike | str, architecture: str, *, to: str = "snzoo",
+                       fpn: bool = False, **overrides) -> dict:
+    """Convert a checkpoint (original format, state dict, safetensors or Detectron.pytorch) after checking it
+    against the architecture.
+
+    to="snzoo" writes canonical safetensors; to="detectron" writes ``{'model': state_dict}`` with torch.save in
+    Detectron.pytorch's layout (keys under ``Conv_Body.``, or ``Conv_Body.conv_body.`` when fpn is True).
+    """
+    if to not in ("snzoo", DETECTRON):
+        raise ValueError(f"to={to!r} is not known (expected 'snzoo' or {DETECTRON!r})")
+    if fpn and to != DETECTRON:
+        raise ValueError("fpn=True applies only to to='detectron'")
     src, dst = Path(src), Path(dst)
     state_dict = read_state_dict(src)
     kwargs = {**infer_model_kwargs(state_dict), **overrides}
     check_state_dict(state_dict, architecture, str(src), **kwargs)
     source = hash_file(src)
-    metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": __version__,
-                "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
-    try:
-        digests = write_safetensors(state_dict, dst, metadata)
-    except OSError as exc:
-        raise OutputError.cannot_write(dst, exc) from None
-    return {"src": str(src), "dst": str(dst), "architecture": architecture, "sha256": digests.sha256,
-            "size": digests.size, "source_sha256": source.sha256, **kwargs}
+    if to == DETECTRON:
+        digests = save_detectron_checkpoint(state_dict, dst, fpn=fpn)
+    else:
+        metadata = {"architecture": architecture, "source_sha256": source.sha256, "snzoo_version": __version__,
+                    "format": "pt", **{k: json.dumps(v) for k, v in kwargs.items()}}
+        try:
+            digests = write_safetensors(state_dict, dst, metadata)
+        except OSError as exc:
+            raise OutputError.cannot_write(dst, exc) from None
+    return {"src": str(src), "dst": str(dst), "architecture": architecture, "to": to, "fpn": fpn,
+            "sha256": digests.sha256, "size": digests.size, "source_sha256": source.sha256, **kwargs}
 
 
 def pin_file(name: str, path: os.PathLike | str, manifest_path: Optional[os.PathLike | str] = None) -> dict:

@@ -23,6 +23,7 @@ from snzoo.weights.cache import cache_dir, cache_path
 from snzoo.weights.convert import read_record, record_path, verify_canonical, write_canonical
 from snzoo.errors import ChecksumError
 from snzoo.weights.download import hash_file
+from snzoo.weights.layouts import DETECTRON
 from snzoo.weights.pins import check_digests, is_pinned
 from snzoo.weights.sources import fetch_to_partial, local_path, mirror_source, offline_mode, reachable_offline, source_kind
 from snzoo.weights.state_dict import read_state_dict
@@ -128,7 +129,8 @@ def install_source(entry: Entry, source: Source, directory: Path, owned: bool, p
         digests = hash_file(candidate)
     try:
         check_digests(digests, source, what)
-        state_dict = read_state_dict(candidate)
+        # A source in another code's key layout is renamed here, so the canonical file has snzoo's keys.
+        state_dict = read_state_dict(candidate, layout=DETECTRON if source.format == DETECTRON else None)
         entry.check_state_dict(state_dict, what)
     except (ChecksumError, CheckpointError):
         if owned:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from snzoo._io import PathLike, first_line
 from snzoo.errors import CheckpointError
+from snzoo.weights.layouts import DETECTRON, detectron_to_snzoo, is_detectron_layout
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
@@ -45,14 +46,28 @@ def _numpy_safe_globals() -> list:
     return [core.multiarray.scalar, np.dtype, type(np.dtype("float64")), type(np.dtype("float32"))]
 
 
-def read_state_dict(path: PathLike) -> dict[str, Tensor]:
-    """The state dict of a checkpoint file, with any 'module.' prefix removed.
+def read_state_dict(path: PathLike, layout: str | None = None) -> dict[str, Tensor]:
+    """The state dict of a checkpoint file in snzoo's key layout, with any 'module.' prefix removed.
 
     Accepts safetensors, the original release's format (a pickled dict with 'state_dict', 'optimizer',
-    'epoch', ...) and a bare state dict. Pickles are read with torch.load(weights_only=True): a file that
-    needs anything beyond tensors and plain containers is refused without running it.
+    'epoch', ...), a bare state dict and Detectron.pytorch backbones ({'model': ...}, keys under 'Conv_Body.'),
+    whose keys are renamed (snzoo.weights.layouts). layout None detects the Detectron layout; "detectron"
+    requires it. Pickles are read with torch.load(weights_only=True): a file that needs anything beyond tensors
+    and plain containers is refused without running it.
     """
-    path = Path(path)
+    if layout not in (None, DETECTRON):
+        raise ValueError(f"layout {layout!r} is not known (expected None or {DETECTRON!r})")
+    state_dict = _read_raw(Path(path))
+    if is_detectron_layout(state_dict):
+        return detectron_to_snzoo(state_dict, str(path))
+    if layout == DETECTRON:
+        raise CheckpointError(
+            f"{path}: not a Detectron.pytorch backbone (no key starts with 'Conv_Body.'; first key "
+            f"{next(iter(state_dict), 'none')!r}), though that layout was expected")
+    return state_dict
+
+
+def _read_raw(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     if path.suffix == ".safetensors" or is_safetensors_file(path):
