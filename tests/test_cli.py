@@ -31,7 +31,10 @@ def test_list_pretrained_json_carries_metrics_and_defaults():
     assert set(by_name) == {
         "resnet50v1_sn.in1k_8x32_cos120", "resnet50v1_sn.in1k_8x32_step100",
         "resnet50v1_sn.in1k_8x4_step100", "resnet50v1_sn.in1k_8x1_step100",
+        # the detection release's backbones: no accuracy was published for them
+        "resnet50v1_sn.in1k_8x2_detectron", "resnet50v1_sn.in1k_8x1_detectron",
     }
+    assert by_name["resnet50v1_sn.in1k_8x2_detectron"]["top1"] is None
     assert by_name["resnet50v1_sn.in1k_8x32_cos120"]["default"] is True
     assert by_name["resnet50v1_sn.in1k_8x4_step100"]["top1"] == 75.85
 
