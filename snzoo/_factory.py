@@ -9,11 +9,8 @@ from torch import nn
 
 from snzoo.errors import CheckpointError
 from snzoo.models import build_model, get_architecture
-from snzoo.weights import fetch_weights, read_state_dict
+from snzoo.weights import MODEL_FOLDER_PREFIXES, fetch_weights, read_state_dict
 from snzoo.zoo import get_entry
-
-_FOLDER_PREFIXES = ("hf-hub:", "local-dir:")
-
 
 def create_model(
     name: str,
@@ -43,7 +40,7 @@ def create_model(
     adapts the weights' first convolution to N input channels.
     """
     features = {"features_only": features_only, "out_indices": out_indices}
-    if name.startswith(_FOLDER_PREFIXES):
+    if name.startswith(MODEL_FOLDER_PREFIXES):
         return _from_folder(name, pretrained, num_classes, checkpoint_path, overrides, features)
     entry = get_entry(name) if "." in name or pretrained else None
     architecture = entry.architecture if entry is not None else get_architecture(name).name

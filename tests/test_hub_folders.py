@@ -410,3 +410,16 @@ def test_hf_module_is_not_imported_by_plain_names():
     code = "import sys, snzoo; snzoo.create_model('resnet18v1_sn'); print('snzoo.hub' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_folder_names_are_model_names_not_files_for_inspect_and_plot(exported, tmp_path):
+    from snzoo.tools.inspect import inspect_importance
+    from snzoo.tools.plot import checkpoint_importance
+    from snzoo.weights import names_a_file
+
+    name = f"local-dir:{exported.folder}"
+    assert not names_a_file(name) and not names_a_file("hf-hub:org/repo@main")
+    assert names_a_file(str(tmp_path / "missing.pth")) and names_a_file("runs/x.safetensors")
+    rows = inspect_importance(name)  # read through create_model, not as a (missing) checkpoint file
+    assert rows and all(abs(sum(row["mean"].values()) - 1) < 1e-5 for row in rows)
+    assert set(checkpoint_importance(name)) == {row["layer"] for row in rows}

@@ -8,7 +8,6 @@ renamed into place, so a crash never leaves a half-written figure.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from snzoo.errors import PlotError
 from snzoo.nn.importance import importance_weights
 from snzoo.train.run_log import read_metrics
 from snzoo.models import check_finite
-from snzoo.weights import CHECKPOINT_SUFFIXES, read_state_dict
+from snzoo.weights import CHECKPOINT_SUFFIXES, MODEL_FOLDER_PREFIXES, names_a_file, read_state_dict
 
 TERMS = ("in", "ln", "bn")
 TERM_LABELS = {"in": "IN", "ln": "LN", "bn": "BN"}
@@ -213,10 +212,6 @@ def plot_run(run_dir: PathLike, out_dir: Optional[PathLike] = None) -> list[Path
     return written
 
 
-def _is_hub_name(name: str) -> bool:
-    return name.startswith(("hf-hub:", "local-dir:"))
-
-
 def checkpoint_importance(name_or_path: PathLike) -> dict[str, dict]:
     """The importance weights of a checkpoint file, or of a zoo entry's pretrained weights.
 
@@ -225,16 +220,16 @@ def checkpoint_importance(name_or_path: PathLike) -> dict[str, dict]:
     """
     target = str(name_or_path)
     path = Path(target)
-    if not _is_hub_name(target) and path.is_file():
+    if not names_a_file(target):
+        weights, source = importance_weights(create_model(target, pretrained=True)), target
+    elif path.is_file():
         state_dict = read_state_dict(path)
         check_finite(state_dict, str(path))  # NaN weights would draw as an empty chart, not as an error
         weights, source = importance_weights(state_dict), str(path)
-    elif not _is_hub_name(target) and path.exists():
+    elif path.exists():
         raise PlotError(f"{path} is a directory without metrics.jsonl, not a run directory or a checkpoint file")
-    elif not _is_hub_name(target) and (os.sep in target or "/" in target or path.suffix in CHECKPOINT_SUFFIXES):
-        raise PlotError(f"{path} does not exist; pass a run directory, a checkpoint file or a zoo entry name")
     else:
-        weights, source = importance_weights(create_model(target, pretrained=True)), target
+        raise PlotError(f"{path} does not exist; pass a run directory, a checkpoint file or a zoo entry name")
     if not weights:
         raise PlotError(f"{source} has no SN layers (no mean_weight / var_weight); nothing to plot")
     return weights
@@ -244,7 +239,7 @@ def default_importance_png(name_or_path: PathLike) -> Path:
     """`<name>-importance.png` in the current directory, <name> being the entry name or the file's stem."""
     target = str(name_or_path)
     path = Path(target)
-    if not _is_hub_name(target) and path.is_file():
+    if not target.startswith(MODEL_FOLDER_PREFIXES) and path.is_file():
         while path.suffix in CHECKPOINT_SUFFIXES:
             path = path.with_suffix("")
         stem = path.name

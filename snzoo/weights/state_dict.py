@@ -18,11 +18,16 @@ from snzoo.weights.layouts import DETECTRON, detectron_to_snzoo, is_detectron_la
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
+# Model names that hold a slash without being files: Hugging Face model folders (snzoo.create_model reads them).
+MODEL_FOLDER_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 def names_a_file(target: str) -> bool:
     """True when a name-or-path argument can only mean a file (a folder in it, or a checkpoint suffix), so a
-    missing one is reported as a missing file rather than as an unknown zoo entry."""
+    missing one is reported as a missing file rather than as an unknown zoo entry. `hf-hub:` and `local-dir:`
+    names are model names, never files."""
+    if target.startswith(MODEL_FOLDER_PREFIXES):
+        return False
     return Path(target).exists() or "/" in target or os.sep in target or target.endswith(CHECKPOINT_SUFFIXES)
 
 
