@@ -110,6 +110,8 @@ def test_real_accuracy_equals_an_independent_count(model, checkpoint, val_folder
         result = evaluate_model(checkpoint=checkpoint, arch="resnet18v1_sn", data=val_folder, real_labels=real_file,
                                 workers=0, batch_size=4, progress=False)
     assert result.real["n"] == len(counted) == COUNT - COUNT // 4
+    assert result.real["correct1"] == sum(c[0] for c in counted)
+    assert result.real["correct5"] == sum(c[1] for c in counted)
     assert result.real["top1"] == pytest.approx(100.0 * sum(c[0] for c in counted) / len(counted))
     assert result.real["top5"] == pytest.approx(100.0 * sum(c[1] for c in counted) / len(counted))
     assert 0 < result.real["top1"] < 100

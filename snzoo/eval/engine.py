@@ -36,7 +36,7 @@ class EvalResult:
     param_count: Optional[int] = None
     checkpoint_sha256: Optional[str] = None
     limit: Optional[int] = None
-    real: Optional[dict] = None  # ImageNet-ReaL: top1, top5 (percent) and n, over images with a label set
+    real: Optional[dict] = None  # ImageNet-ReaL over images with a label set: n, correct1, correct5, top1, top5
     classes_evaluated: Optional[int] = None  # the classes the logits were restricted to, when they were
 
     def to_dict(self) -> dict:
@@ -211,7 +211,8 @@ def evaluate(
         classes_evaluated=None if class_subset is None else len(tally.subset),
     )
     if label_sets is not None:
-        result.real = {"n": tally.real_n, "top1": 100.0 * tally.real1 / max(tally.real_n, 1),
+        result.real = {"n": tally.real_n, "correct1": tally.real1, "correct5": tally.real5,
+                       "top1": 100.0 * tally.real1 / max(tally.real_n, 1),
                        "top5": 100.0 * tally.real5 / max(tally.real_n, 1)}
     if per_class and tally.class_total is not None:
         total, correct = tally.class_total, tally.class_correct

@@ -123,8 +123,8 @@ def run_suite(names: Sequence[str], root: Union[str, os.PathLike], *, suite: str
 
 def _real_result(result: EvalResult) -> EvalResult:
     real = result.real
-    return EvalResult(model=result.model, top1=real["top1"], top5=real["top5"], n=real["n"], correct1=0,
-                      correct5=0, seconds=result.seconds, images_per_s=result.images_per_s,
+    return EvalResult(model=result.model, top1=real["top1"], top5=real["top5"], n=real["n"],
+                      correct1=real["correct1"], correct5=real["correct5"], seconds=result.seconds, images_per_s=result.images_per_s,
                       config=dict(result.config), param_count=result.param_count,
                       checkpoint_sha256=result.checkpoint_sha256)
 
