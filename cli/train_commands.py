@@ -12,7 +12,8 @@ from snzoo_cli.output import echo_json
 def run_options(command):
     """Options shared by train and finetune: where, how fast, how safely."""
     options = [
-        click.option("--data", required=True, help="fashion-mnist, or a folder with train/ and val/ class folders."),
+        click.option("--data", required=True, help="fashion-mnist, or a folder with train/ and val/ class folders; "
+                     "finetune --task detection: a COCO-format folder; --task segmentation: a VOC-style folder."),
         click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. schedule.type=step (repeatable)."),
         click.option("--epochs", type=click.IntRange(min=1), help="Override the recipe's epochs."),
@@ -73,8 +74,13 @@ def train_command(name, recipe_file, batch, lr, init, **kw) -> None:
 
 @click.command("finetune")
 @click.argument("name")
-@click.option("--batch", default="1x32", show_default=True, help="DEVICESxPER_DEVICE.")
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Peak learning rate (cosine to 0).")
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation"]), default="classification",
+              show_default=True, help="detection: Faster / Mask R-CNN on NAME's backbone; segmentation: DeepLabV3.")
+@click.option("--model", "task_model", help="The task model, e.g. maskrcnn_resnet50_fpn_sn (default: "
+              "fasterrcnn_resnet50_fpn_sn, deeplabv3_resnet50_sn or _101_ by the backbone).")
+@click.option("--batch", help="DEVICESxPER_DEVICE (default: 1x32; the task recipe's for detection / segmentation).")
+@click.option("--lr", type=float, help="Peak learning rate at that batch (default: 0.01, cosine to 0; the task "
+              "recipe's lr scaled to the batch for detection / segmentation).")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new head (default: the data's).")
 @click.option("--freeze", multiple=True, help="Freeze a module and its statistics: conv1, sn1, layer1, ... (repeatable).")
 @click.option("--reset-importance", is_flag=True, help="Start the SN importance weights from uniform again.")
@@ -82,12 +88,17 @@ def train_command(name, recipe_file, batch, lr, init, **kw) -> None:
 @click.option("--drop-bn/--keep-bn", default=None, help="Drop the SN BN term (default: drop at per-device batch 1).")
 @click.option("--no-norm-decay", is_flag=True, help="No weight decay on norm and importance weights (detection style).")
 @run_options
-def finetune_command(name, batch, lr, num_classes, freeze, reset_importance, reopen_ssn, drop_bn, no_norm_decay,
-                     **kw) -> None:
-    """Fine-tune pretrained entry NAME on --data with a new classifier for its classes."""
+def finetune_command(name, task, task_model, batch, lr, num_classes, freeze, reset_importance, reopen_ssn, drop_bn,
+                     no_norm_decay, **kw) -> None:
+    """Fine-tune pretrained entry NAME on --data: a new classifier for its classes, or (--task) a detector or
+    segmenter on its backbone."""
     from snzoo.train import finetune
 
-    summary = finetune(name, kw["data"], Path(kw["output"]), epochs=kw["epochs"] or 10, batch=batch, lr=lr,
+    if task != "classification" and (freeze or reset_importance or reopen_ssn):
+        raise click.UsageError("--freeze, --reset-importance and --reopen-ssn are for classification; task models "
+                               "freeze stages with --set model_kwargs.trainable_layers=N")
+    epochs = kw["epochs"] or (10 if task == "classification" else None)
+    summary = finetune(name, kw["data"], Path(kw["output"]), task=task, model=task_model, epochs=epochs, batch=batch, lr=lr,
                        norm_decay=not no_norm_decay, overrides=kw["overrides"], num_classes=num_classes,
                        freeze=tuple(freeze), reset_importance=reset_importance, reopen_ssn=reopen_ssn,
                        drop_bn=drop_bn, **_config(kw))

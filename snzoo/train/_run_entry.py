@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from snzoo import zoo
+from snzoo._io import atomic_write_text
 from snzoo.data.fashion_mnist import FASHION_MNIST
 from snzoo._torch_utils import input_channels
 from snzoo.models import check_state_dict
@@ -83,4 +84,36 @@ def export_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict) ->
     written = zoo.load_manifest(overlay=path).entries[name]
     check_state_dict(read_state_dict(weights), arch, str(weights), **written.model_kwargs(),
                      in_chans=input_channels(model))
+    return {"entry_name": name, "weights": str(weights), "sha256": digests.sha256, "entry": str(path)}
+
+
+def _task_tag(cfg, data) -> str:
+    recipe = cfg.recipe
+    dataset = "".join(c if c.isalnum() else "_" for c in data.val_name.lower().removesuffix("-val"))
+    schedule = {"cosine": "cos", "step": "step", "poly": "poly"}[recipe["schedule"]["type"]]
+    length = f"{recipe['iterations']}it" if recipe.get("iterations") else str(recipe["epochs"])
+    return f"{dataset}_{recipe['batch']['devices']}x{recipe['batch']['per_device']}_{schedule}{length}"
+
+
+def export_task_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dict, *, task: str, backbone: str,
+                    model_kwargs: dict) -> dict:
+    """Write RUN_DIR/NAME.safetensors and RUN_DIR/entry.json for a detection or segmentation model: everything
+    `snzoo.tasks.load_task_model` needs to rebuild it and check its weights."""
+    from snzoo.tasks import load_task_model, task_entry
+
+    name = cfg.entry_name or f"{cfg.name}.{_task_tag(cfg, data)}"
+    weights = Path(run_dir) / f"{name}.safetensors"
+    digests = write_safetensors(model.state_dict(), weights, {"entry": name, "task": task,
+                                                              "snzoo_version": __version__, "format": "pt"})
+    metrics = {k: v for k, v in val_metrics.items() if k != "dataset"}
+    document = task_entry(
+        name, task=task, model=cfg.name, model_kwargs=model_kwargs, backbone=backbone, classes=list(data.classes),
+        weights={"url": weights.resolve().as_uri(), "kind": "file", "format": "safetensors", "file_name": weights.name,
+                 "sha256": digests.sha256, "md5": digests.md5, "size": digests.size},
+        metrics={data.val_name: metrics} if val_metrics else {}, eval_config=data.eval_config, recipe=cfg.recipe,
+        notes=[f"fine-tuned by `snzoo finetune --task {task}` from {backbone}"
+               + (f" (weights {cfg.init})" if cfg.init and cfg.init != backbone else "")])
+    path = Path(run_dir) / "entry.json"
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    load_task_model(path)  # the entry rebuilds the model and its weights fit, or the run fails here
     return {"entry_name": name, "weights": str(weights), "sha256": digests.sha256, "entry": str(path)}

@@ -23,12 +23,13 @@ class TrainData:
     train: SeededAugmentation
     train_transform: Callable
     final_transform: Optional[Callable]
-    train_eval: Dataset  # training images with eval transforms (batch-average statistics)
+    train_eval: Optional[Dataset]  # training images with eval transforms (batch-average statistics)
     val: Optional[Dataset]
     val_name: str
     num_classes: int
     classes: list
     eval_config: dict
+    collate: Optional[Callable] = None  # the DataLoader's collate_fn (None: stack the items)
 
 
 def _first(dataset: Dataset, count: Optional[int]) -> Dataset:

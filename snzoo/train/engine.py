@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -16,13 +17,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from snzoo.errors import OutputError, TrainingError
 from snzoo._torch_utils import autocast, check_device
-from snzoo.eval.engine import default_workers, evaluate
+from snzoo.eval.engine import default_workers
 from snzoo.nn import (
     convert_sync_switchnorm,
     finalize_batch_average,
@@ -32,8 +32,8 @@ from snzoo.nn import (
 )
 from snzoo.nn.batch_average import batch_average_layers
 from snzoo.train._loss_window import LossWindow
-from snzoo.train._model import build_run_model, input_format
-from snzoo.train.data import TrainData, build_train_data
+from snzoo.train._tasks import ClassificationTask, task_adapter
+from snzoo.train.data import TrainData
 from snzoo.train.distributed import (
     DistInfo,
     all_finite,
@@ -44,7 +44,7 @@ from snzoo.train.distributed import (
     restore_running_stats,
     shutdown,
 )
-from snzoo.train._run_entry import check_entry_name, export_run
+from snzoo.train._run_entry import check_entry_name
 from snzoo.train.micro_batches import StepStatistics
 from snzoo.train.optim import build_optimizer, importance_parameters, set_learning_rate
 from snzoo.train.plan import BatchPlan, TrainConfig, plan_batches, synchronised_statistics
@@ -63,10 +63,6 @@ def _progress(show: bool, total: int, desc: str):
 
 def _frozen_modules(model: nn.Module, prefixes: tuple) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if any(n == p or n.startswith(p + ".") for p in prefixes)]
-
-
-def _split(tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    return list(tensor.chunk(parts)) if parts > 1 else [tensor]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -97,6 +93,9 @@ class _Run:
     device: torch.device
     memory_format: torch.memory_format
     workers: int
+    task: ClassificationTask
+    epochs: int  # the recipe's, or enough for its `iterations`
+    last_step: Optional[int]  # the recipe's `iterations`, where it counts them
     step: int = 0
     logger: Optional[RunLogger] = None
 
@@ -116,7 +115,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if not cfg.resume and info.is_main:
         (run.run_dir / "recipe.json").write_text(
             json.dumps({"name": cfg.name, "recipe": cfg.recipe, "run": _run_options(cfg, run.plan)}, indent=2) + "\n")
-    epochs = cfg.recipe["epochs"]
+    epochs = run.epochs
     val_metrics: dict = {}
     stop = False
     epochs_done = start_epoch
@@ -131,12 +130,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         val_metrics = _end_of_epoch(run, epoch)
         epochs_done = epoch + 1
         _checkpoint(run, epochs_done, 0)
+        if run.last_step is not None and run.step >= run.last_step:
+            break  # the recipe's iterations are done (the last epoch may end early)
     # The exported weights hold the statistics averaged over ranks, whatever validation used.
     average_running_stats(run.model, info)
     summary = {"steps": run.step, "epochs_done": epochs_done, "stopped_early": stop,
                "val": val_metrics, "seconds": time.perf_counter() - started, "plan": run.plan.description}
     if info.is_main:
-        summary.update(export_run(run.run_dir, run.model, cfg, run.data, val_metrics))
+        summary.update(run.task.export(run.run_dir, run.model, cfg, run.data, val_metrics))
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         run.log(_done_line(summary))
     run.logger.close()
@@ -156,18 +157,17 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
-    in_chans, normalization = input_format(cfg)
-    data = build_train_data(cfg.data, recipe, seed=cfg.seed, subset=cfg.subset, val_subset=cfg.val_subset,
-                            in_chans=in_chans, normalization=normalization)
+    task = task_adapter(cfg.task)
+    data = task.build_data(cfg)
     sync_stats = synchronised_statistics(recipe, cfg.sync_stats)
     plan = plan_batches(recipe, info.world_size, cfg.accum_steps, sync_stats)
     # Before the model: too little data must fail before pretrained weights are fetched.
     sampler = GlobalBatchSampler(len(data.train), plan.global_batch, info.rank, info.world_size, seed=cfg.seed)
     num_classes = cfg.num_classes or data.num_classes
-    model = build_run_model(cfg, num_classes, log)
+    model = task.build_model(cfg, num_classes, log)
     log(plan.description)
     if plan.ghost:
-        set_ghost_batch_size(model, plan.ghost)
+        set_ghost_batch_size(task.ghost_scope(model), plan.ghost)
     if sync_stats and info.enabled:
         convert_sync_switchnorm(model)
     device = torch.device(info.device)
@@ -178,7 +178,10 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> _Run:
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.enabled else model
     if cfg.compile:
         net = torch.compile(net)
+    iterations = recipe.get("iterations")
+    epochs = math.ceil(iterations / sampler.steps_per_epoch) if iterations else recipe["epochs"]
     return _Run(cfg=cfg, info=info, run_dir=run_dir, log=log, data=data, model=model, net=net, plan=plan,
+                task=task, epochs=epochs, last_step=iterations,
                 optimizer=build_optimizer(model, recipe),
                 scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "float16"), sampler=sampler,
                 device=device, memory_format=memory_format,
@@ -208,7 +211,7 @@ def _resume(run: _Run) -> tuple[int, int]:
 def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: float) -> tuple[bool, int]:
     """The steps of one epoch from step `first`; returns (stopped at --max-steps, steps run)."""
     cfg, recipe, data, model, sampler = run.cfg, run.cfg.recipe, run.data, run.model, run.sampler
-    epochs, steps_per_epoch = recipe["epochs"], sampler.steps_per_epoch
+    epochs, steps_per_epoch = run.epochs, sampler.steps_per_epoch
     final_epochs = ((recipe["augmentation"] or {}).get("final_phase") or {}).get("epochs", 0)
     sampler.set_epoch(epoch, first)
     data.train.set_epoch(epoch)
@@ -216,7 +219,7 @@ def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: f
                              else data.train_transform)
     # Its own generator: creating a loader must not draw from the global RNG that dropout uses, or a
     # resumed run would drift from an uninterrupted one (augmentation is seeded per sample anyway).
-    loader = DataLoader(data.train, batch_sampler=sampler, num_workers=run.workers,
+    loader = DataLoader(data.train, batch_sampler=sampler, num_workers=run.workers, collate_fn=data.collate,
                         pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     model.train()
     for module in _frozen_modules(model, cfg.freeze):
@@ -227,7 +230,7 @@ def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: f
     is_ssn = bool(recipe.get("sparsestmax"))
     stop, steps_run = False, 0
     for step_in_epoch, (images, labels, _) in enumerate(loader, start=first):
-        lr = learning_rate(recipe["schedule"], peak, epoch, step_in_epoch, steps_per_epoch, epochs)
+        lr = learning_rate(recipe["schedule"], peak, epoch, step_in_epoch, steps_per_epoch, epochs, run.last_step)
         set_learning_rate(run.optimizer, lr)
         if is_ssn:
             set_sparsestmax_radius(model, sparsestmax_radius(epoch, step_in_epoch, steps_per_epoch, epochs))
@@ -236,9 +239,11 @@ def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: f
         checkpoint_now = bool(cfg.checkpoint_every) and (run.step + 1) % cfg.checkpoint_every == 0 \
             and step_in_epoch + 1 < steps_per_epoch
         stop = bool(cfg.max_steps) and run.step + 1 >= cfg.max_steps
+        last = run.last_step is not None and run.step + 1 >= run.last_step
         # Losses are read (and checked) where they are logged and before any checkpoint, so none is written
         # after a non-finite loss; the sparsestmax forward cannot run on non-finite importance weights (and
         # reads them on the host every step anyway), so SSN runs read every step.
+        log_now = log_now or last
         if is_ssn or log_now or checkpoint_now or stop:
             loss_value = _read_losses(held, run.run_dir)[-1]
         _optimizer_step(run)
@@ -251,25 +256,23 @@ def _train_epoch(run: _Run, epoch: int, first: int, held: LossWindow, started: f
                            images_per_s=run.step * run.plan.global_batch / (time.perf_counter() - started))
         if checkpoint_now:
             _checkpoint(run, epoch, step_in_epoch + 1)
-        if stop:
+        if stop or last:
             break
     bar.close()
     return stop, steps_run
 
 
-def _forward_backward(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _forward_backward(run: _Run, inputs, targets) -> torch.Tensor:
     """Forward and backward over the step's micro-batches; returns the step's mean loss, left on the device."""
-    images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
-    labels = labels.to(run.device, non_blocking=True)
-    label_smoothing = run.cfg.recipe.get("label_smoothing", 0.0)
+    inputs, targets = run.task.to_device(inputs, targets, run.device, run.memory_format)
     loss_sum = torch.zeros((), device=run.device)
-    micro = list(zip(_split(images, run.plan.accum_steps), _split(labels, run.plan.accum_steps)))
+    micro = run.task.split(inputs, targets, run.plan.accum_steps)
     step_statistics = StepStatistics(run.model, len(micro)) if len(micro) > 1 else None
     for i, (x, y) in enumerate(micro):
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last or not run.info.enabled else run.net.no_sync()
         with sync, autocast(run.device, run.cfg.amp):
-            loss = F.cross_entropy(run.net(x), y, label_smoothing=label_smoothing)
+            loss = run.task.loss(run.net, x, y, run.cfg.recipe)
         run.scaler.scale(loss / len(micro)).backward()
         loss_sum += loss.detach() / len(micro)
         if step_statistics:
@@ -326,7 +329,7 @@ def _end_of_epoch(run: _Run, epoch: int) -> dict:
                                                         run.device, run.workers)
     step, logger, log = run.step, run.logger, run.log
     batch_average = recipe.get("batch_average")
-    if batch_average and batch_average_layers(model):
+    if batch_average and batch_average_layers(model) and data.train_eval is not None:
         loader = DataLoader(data.train_eval, batch_size=plan.process_batch, shuffle=True, num_workers=workers,
                             drop_last=True, generator=torch.Generator().manual_seed(epoch))
         used = finalize_batch_average(model, (b[0].to(device) for b in loader), batch_average.get("iterations", 200))
@@ -335,13 +338,12 @@ def _end_of_epoch(run: _Run, epoch: int) -> dict:
         average_running_stats(model, info)
     metrics = {}
     if info.is_main and data.val is not None:
-        result = evaluate(model, data.val, batch_size=max(plan.micro_batch, 64), workers=workers, device=device,
-                          progress=False, name="val")
-        metrics = {"dataset": data.val_name, "top1": result.top1, "top5": result.top5, "n": result.n}
-        logger.log(step, "val", epoch=epoch, top1=result.top1, top5=result.top5)
+        validation = run.task.validate(model, data, plan.micro_batch, workers, device)
+        metrics = validation.metrics
+        logger.log(step, "val", epoch=epoch, **validation.scalars)
         if switchnorm_layers(model):
             logger.log_importance(step, model)
-        log(f"epoch {epoch}: val top-1 {result.top1:.2f} top-5 {result.top5:.2f} ({result.n} images)")
+        log(f"epoch {epoch}: {validation.line}")
     barrier(info)
     return metrics
 

@@ -71,21 +71,57 @@ def finetune_recipe(recipe: dict, epochs: int, batch: str, lr: float, norm_decay
     return tuned
 
 
+def task_finetune_recipe(task: str, epochs: Optional[int], batch: Optional[str], lr: Optional[float],
+                         norm_decay: bool) -> dict:
+    """The task's recipe (snzoo.tasks.TASK_RECIPES) with the fine-tune's batch, peak lr and length where given."""
+    from snzoo.tasks import task_recipe
+
+    recipe = task_recipe(task)
+    if batch is not None:
+        devices, per_device = (int(v) for v in batch.split("x"))
+        recipe["batch"] = {"devices": devices, "per_device": per_device}
+    if lr is not None:  # the peak lr of this batch, as for classification fine-tunes
+        recipe["lr"] = {"base": lr, "reference_batch": recipe["batch"]["devices"] * recipe["batch"]["per_device"]}
+    if epochs is not None:
+        recipe.update(epochs=epochs, iterations=None)
+    recipe["optimizer"]["weight_decay_norm"] = norm_decay
+    return recipe
+
+
 def finetune(
     name: str,
     data: str,
     output: Path,
     *,
-    epochs: int = 10,
-    batch: str = "1x32",
-    lr: float = 0.01,
+    epochs: Optional[int] = 10,
+    batch: Optional[str] = "1x32",
+    lr: Optional[float] = 0.01,
     norm_decay: bool = True,
     overrides: Sequence[str] = (),
+    task: str = "classification",
+    model: Optional[str] = None,
     **options,
 ) -> dict:
-    """Fine-tune the pretrained entry `name` on `data`: a new head for its classes, the rest from the entry."""
-    entry = zoo.get_entry(name)
-    _batch_override(batch)
-    recipe = resolve_recipe(finetune_recipe(entry.recipe, epochs, batch, lr, norm_decay), None, list(overrides))
-    return train(TrainConfig(name=entry.architecture, recipe=recipe, data=data, output=Path(output),
-                             init=options.pop("init", None) or entry.name, **options))
+    """Fine-tune the pretrained entry `name` on `data`.
+
+    classification: a new head for the data's classes, the rest from the entry (cosine from `lr`, `epochs` long).
+    detection / segmentation: the task model `model` (default: Faster R-CNN R-50-FPN SN, DeepLabV3 SN) on the
+    entry's backbone, with the task's recipe (snzoo.tasks.TASK_RECIPES); `batch`, `lr` (the peak lr at that batch)
+    and `epochs` replace the recipe's where given.
+    """
+    if batch is not None:
+        _batch_override(batch)
+    if task == "classification":
+        entry = zoo.get_entry(name)
+        recipe = resolve_recipe(finetune_recipe(entry.recipe, epochs or 10, batch or "1x32", 0.01 if lr is None else lr,
+                                                norm_decay), None, list(overrides))
+        return train(TrainConfig(name=entry.architecture, recipe=recipe, data=data, output=Path(output),
+                                 init=options.pop("init", None) or entry.name, **options))
+    from snzoo.tasks import default_task_model, task_model_builder
+
+    arch = get_architecture(zoo.get_entry(name).architecture if "." in name else name)
+    model = model or default_task_model(task, arch.depth)
+    task_model_builder(task, model)  # an unknown model fails before any data is read
+    recipe = resolve_recipe(task_finetune_recipe(task, epochs, batch, lr, norm_decay), None, list(overrides))
+    return train(TrainConfig(name=model, recipe=recipe, data=data, output=Path(output), task=task, backbone=name,
+                             **options))

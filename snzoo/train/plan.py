@@ -41,6 +41,8 @@ class TrainConfig:
     log_every: int = 10
     progress: Optional[bool] = None
     entry_name: Optional[str] = None  # the name to give the trained weights in entry.json
+    task: str = "classification"  # or "detection", "segmentation": `name` is then the task model's builder
+    backbone: Optional[str] = None  # task models: the backbone entry or architecture (`init` may be its checkpoint)
 
 
 @dataclass(frozen=True)

@@ -89,17 +89,22 @@ def check_recipe(recipe: Mapping) -> None:
         if not isinstance(recipe[group], Mapping):
             raise RecipeError(f"recipe {group} must be a group of settings (e.g. {group}.KEY=VALUE), "
                               f"got {recipe[group]!r}")
-    if not (_is_int(recipe["epochs"]) and recipe["epochs"] > 0):
-        raise RecipeError(f"recipe epochs must be a positive integer, got {recipe['epochs']!r}")
+    iterations = recipe.get("iterations")
+    if iterations is not None and not (_is_int(iterations) and iterations > 0):
+        raise RecipeError(f"recipe iterations must be a positive integer (or absent), got {iterations!r}")
+    if not (_is_int(recipe["epochs"]) and recipe["epochs"] > 0) and not (recipe["epochs"] is None and iterations):
+        raise RecipeError(f"recipe epochs must be a positive integer (or null with iterations set), "
+                          f"got {recipe['epochs']!r}")
     batch = recipe["batch"]
     for key in ("devices", "per_device"):
         if not (_is_int(batch.get(key)) and batch[key] > 0):
             raise RecipeError(f"recipe batch.{key} must be a positive integer, got {batch.get(key)!r}")
     schedule = recipe["schedule"]
-    if schedule.get("type") not in ("cosine", "step"):
-        raise RecipeError(f"recipe schedule.type must be 'cosine' or 'step', got {schedule.get('type')!r}")
-    if schedule["type"] == "step" and not schedule.get("milestones"):
-        raise RecipeError("recipe schedule.milestones is needed for a step schedule, e.g. [30, 60, 90]")
+    if schedule.get("type") not in ("cosine", "step", "poly"):
+        raise RecipeError(f"recipe schedule.type must be 'cosine', 'step' or 'poly', got {schedule.get('type')!r}")
+    if schedule["type"] == "step" and not (schedule.get("milestones") or schedule.get("milestone_iters")):
+        raise RecipeError("recipe schedule.milestones (epochs, e.g. [30, 60, 90]) or schedule.milestone_iters "
+                          "(iterations, e.g. [120000, 160000]) is needed for a step schedule")
     if recipe["optimizer"].get("name", "sgd") != "sgd":
         raise RecipeError(f"recipe optimizer.name {recipe['optimizer'].get('name')!r} is not supported; use 'sgd'")
     for key in ("base", "reference_batch"):
