@@ -7,7 +7,16 @@ import click
 
 from snzoo import zoo
 from snzoo.data import DECODERS, INTERPOLATIONS
-from snzoo.eval import append_results, check_results_file, evaluate_model, run_suite, write_suite_results
+from snzoo.eval import (
+    append_results,
+    append_task_results,
+    check_results_file,
+    evaluate_model,
+    evaluate_task_model,
+    run_suite,
+    task_result_line,
+    write_suite_results,
+)
 from snzoo_cli.output import echo_json
 
 
@@ -33,14 +42,39 @@ def _line(result) -> str:
     return text
 
 
+def _eval_task(names, task, data, split, batch_size, workers, device, limit, results_file, quiet, as_json) -> None:
+    """`snzoo eval RUN --task detection|segmentation`: COCO AP or mIoU of fine-tuned task models."""
+    if not names or data is None:
+        raise click.UsageError(f"--task {task}: name a `snzoo finetune --task {task}` run directory (or its "
+                               "entry.json) and pass --data")
+    if results_file:
+        check_results_file(results_file)
+    results = []
+    for name in names:
+        result = evaluate_task_model(name, data, task=task, split=split or "val", batch_size=batch_size,
+                                     workers=workers or 0, device=device, limit=limit,
+                                     progress=False if quiet or as_json else None)
+        results.append(result)
+        if not as_json:
+            click.echo(task_result_line(result))
+    if results_file:
+        append_task_results(results_file, results)
+    if as_json:
+        echo_json(results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results])
+
+
 @click.command("eval")
 @click.argument("names", nargs=-1)
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation"]), default="classification",
+              show_default=True, help="detection / segmentation: NAMES are `snzoo finetune --task` run directories "
+              "(or their entry.json); COCO box / mask AP or mIoU on --data's --split (default val).")
 @click.option("--data", type=click.Path(),
               help="Class folders, a .txt list file, fashion-mnist (its test set), or ImageNet val as Hugging Face "
                    "datasets (save_to_disk folder, parquet shards, hfds:ORG/NAME), webdataset shards "
                    "(wds:PATTERN, e.g. val-{0000..0063}.tar), ILSVRC2012_img_val.tar or the flat folder of "
                    "ILSVRC2012_val_*.JPEG with the devkit.")
-@click.option("--split", help="Hugging Face datasets: the split (default validation).")
+@click.option("--split", help="Hugging Face datasets: the split (default validation); --task: the COCO / VOC split "
+              "(default val).")
 @click.option("--image-column", help="Hugging Face datasets: the image column (default: found by name).")
 @click.option("--label-column", help="Hugging Face datasets: the label column (default: found by name).")
 @click.option("--devkit", type=click.Path(), help="ILSVRC2012_devkit_t12.tar.gz (or its folder, or its ground-truth "
@@ -75,12 +109,14 @@ def _line(result) -> str:
 @click.option("--results-file", type=click.Path(dir_okay=False), help="Append timm-style rows to a .csv or .json file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several models).")
-def eval_command(names, data, split, image_column, label_column, devkit, real_labels, classes_in_data, suite,
+def eval_command(names, task, data, split, image_column, label_column, devkit, real_labels, classes_in_data, suite,
                  data_root, results_dir, root, arch, checkpoint, resize, crop, interpolation, decoder, batch_size,
                  workers, device, amp, channels_last, limit, skip_bad, per_class, results_file, quiet,
                  as_json) -> None:
     """Evaluate zoo entries NAMES (ARCH.TAG, ARCH or a glob) with the 1-crop protocol on --data, or on every set
-    of a --suite."""
+    of a --suite; with --task, fine-tuned detectors and segmenters."""
+    if task != "classification":
+        return _eval_task(names, task, data, split, batch_size, workers, device, limit, results_file, quiet, as_json)
     if checkpoint is None and not names:
         raise click.UsageError("name a zoo entry, or pass --checkpoint FILE --arch ARCH")
     if (data is None) == (suite is None) or (suite is None) != (data_root is None):

@@ -37,8 +37,13 @@ def result_row(result: EvalResult) -> dict:
 
 def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult]) -> Path:
     """Append rows to a .csv (header written once) or .json (a list) results file, replacing it atomically."""
+    return append_rows(path, [result_row(r) for r in results], RESULT_COLUMNS)
+
+
+def append_rows(path: Union[str, os.PathLike], rows: Sequence[dict], columns: Sequence[str]) -> Path:
+    """Append rows with these columns to a .csv (header written once) or .json (a list) results file, atomically."""
     path = check_results_file(path)
-    rows = [result_row(r) for r in results]
+    columns = list(columns)
     if path.suffix.lower() == ".json":
         try:
             existing = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
@@ -48,11 +53,11 @@ def append_results(path: Union[str, os.PathLike], results: Sequence[EvalResult])
             raise DataError(f"results file {path} does not hold a JSON list; choose another file")
         return atomic_write_text(path, json.dumps(existing + rows, indent=2) + "\n")
     previous = path.read_text() if path.exists() else ""
-    if previous and previous.splitlines()[0].split(",") != RESULT_COLUMNS:
-        raise DataError(f"results file {path} has other columns than {','.join(RESULT_COLUMNS)}; choose another file")
+    if previous and previous.splitlines()[0].split(",") != columns:
+        raise DataError(f"results file {path} has other columns than {','.join(columns)}; choose another file")
     text = io.StringIO(newline="")
     text.write(previous)
-    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=columns)
     if not previous:
         writer.writeheader()
     writer.writerows(rows)
