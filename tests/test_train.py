@@ -153,13 +153,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def snzoo_train(args: list, nproc: int = 1, env_extra: dict | None = None, **popen):
+def snzoo_train(args: list, nproc: int = 1, env_extra: dict | None = None, launch: list | None = None,
+                module: str = "snzoo.train", **popen):
+    """`python -m MODULE ARGS` (one gloo thread per process), under torchrun for nproc > 1 or when `launch` gives
+    torchrun's own options (default: one node, a free port on 127.0.0.1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env_extra or {})}
-    if nproc == 1:
-        command = [sys.executable, "-m", "snzoo.train"]
+    if nproc == 1 and launch is None:
+        command = [sys.executable, "-m", module]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "snzoo.train"]
+        launch = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())] if launch is None else launch
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launch,
+                   "-m", module]
     return subprocess.Popen(command + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
