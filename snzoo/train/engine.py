@@ -367,6 +367,12 @@ def _done_line(summary: dict) -> str:
     if summary["stopped_early"]:
         done += " (stopped at --max-steps)"
     val = summary.get("val")
-    metrics = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()) if val else (
+    metrics = ", ".join(_metric_text(k, v) for k, v in val.items() if not isinstance(v, list)) if val else (
         "no validation (no epoch ended)")
     return f"done: {done}; {metrics} -> {summary.get('weights')}"
+
+
+def _metric_text(name: str, value) -> str:
+    if isinstance(value, dict):  # COCO statistics: AP stands for them
+        return f"{name} AP {value['AP']:.2f}" if "AP" in value else name
+    return f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}"

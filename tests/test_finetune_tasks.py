@@ -1,0 +1,173 @@
+"""`snzoo finetune --task detection|segmentation` and `snzoo eval --task`, end to end on real-image scenes.
+
+Garments of the Fashion-MNIST test set pasted onto real photographs (tests/scenes.py) give detection and
+segmentation data whose every box and mask is known; the backbone comes from a zoo entry (an overlay entry with a
+local weights file, the way a published entry is fetched and verified).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import snzoo
+from snzoo import zoo
+from snzoo.tasks import load_task_model
+from snzoo.train import read_metrics
+from snzoo.weights import hash_file, write_safetensors
+from snzoo_cli.main import cli
+
+from scenes import make_scenes, write_coco, write_segmentation
+from test_train import snzoo_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKBONE = "resnet18v1_sn.scenes_1x8_test"
+# Small images and few sampled anchors / RoIs keep a step well under a second on a CPU core.
+DETECTION_SETTINGS = ["--set", "model_kwargs.min_size=128", "--set", "model_kwargs.max_size=160",
+                      "--set", "model_kwargs.rpn_batch_size_per_image=64",
+                      "--set", "model_kwargs.box_batch_size_per_image=64",
+                      "--set", "model_kwargs.rpn_post_nms_top_n_train=300",
+                      "--set", "model_kwargs.box_detections_per_img=20"]
+
+
+@pytest.fixture(scope="module")
+def scenes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    write_coco(make_scenes(24, seed=1), root / "coco", "train")
+    write_coco(make_scenes(6, seed=2), root / "coco", "val")
+    write_segmentation(make_scenes(16, seed=3), root / "seg", "train")
+    write_segmentation(make_scenes(6, seed=4), root / "seg", "val")
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_overlay(tmp_path_factory):
+    """A zoo entry for a resnet18v1_sn backbone whose weights are a local file (sha256 pinned)."""
+    folder = tmp_path_factory.mktemp("backbone")
+    torch.manual_seed(0)
+    model = snzoo.create_model("resnet18v1_sn", num_classes=10)
+    weights = folder / "backbone.safetensors"
+    write_safetensors(model.state_dict(), weights)
+    base = zoo.get_entry("resnet50v1_sn.in1k_8x4_step100").to_dict()
+    base.pop("name")
+    base.update(architecture="resnet18v1_sn", default=True, num_classes=10, notes=[])
+    base["metrics"] = {"scenes": {"top1": None, "top5": None}}
+    base["sources"] = [{"url": weights.as_uri(), "kind": "file", "format": "safetensors", "file_name": weights.name,
+                        "sha256": hash_file(weights).sha256, "md5": None, "size": None}]
+    overlay = folder / "overlay.json"
+    overlay.write_text(json.dumps({"schema_version": 1, "entries": {BACKBONE: base}}))
+    return overlay, model.state_dict()
+
+
+@pytest.fixture
+def with_backbone(backbone_overlay, monkeypatch):
+    overlay, state = backbone_overlay
+    monkeypatch.setenv("SNZOO_MANIFEST", str(overlay))
+    zoo.set_overlay(overlay)
+    return state
+
+
+def invoke(args: list) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def test_detection_finetune_from_an_entry_then_eval(scenes_root, with_backbone, tmp_path):
+    run = tmp_path / "det"
+    summary = json.loads(invoke([
+        "finetune", BACKBONE, "--task", "detection", "--data", scenes_root / "coco", "-o", run,
+        "--batch", "1x2", "--lr", "0.01", "--set", "iterations=36", "--set", "schedule.warmup_iters=4",
+        "--log-every", "4", "-j", "0", "--json", *DETECTION_SETTINGS]))
+    assert summary["steps"] == 36 and not summary["stopped_early"]
+    losses = train_losses(run)
+    assert len(losses) == 9
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses  # the loss falls
+    # Validation ran pycocotools: all 12 box statistics.
+    box = summary["val"]["box"]
+    assert set(box) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+    assert all(-1 <= v <= 100 for v in box.values())
+
+    # The exported entry rebuilds the model without fetching the backbone, and its weights fit.
+    model, entry = load_task_model(run)
+    assert entry["task"] == "detection" and entry["model"] == "fasterrcnn_resnet_fpn_sn"
+    assert entry["backbone"] == BACKBONE and entry["num_classes"] == 11
+    assert entry["classes"][1:] == list(snzoo.data.FashionMNIST.classes)
+    # The frozen stem kept the entry's weights; a trained stage moved away from them.
+    assert torch.equal(model.backbone.body.conv1.weight, with_backbone["conv1.weight"])
+    assert not torch.equal(model.backbone.body.layer4[0].conv1.weight, with_backbone["layer4.0.conv1.weight"])
+
+    # `snzoo eval --task detection` on the val split gives the run's own validation numbers.
+    evaluated = json.loads(invoke(["eval", run, "--task", "detection", "--data", scenes_root / "coco", "--json",
+                                   "-q", "--results-file", tmp_path / "results.csv"]))
+    assert evaluated["box"] == pytest.approx(box, abs=1e-9)
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("model,task,dataset,n,box_AP,") and len(rows) == 2
+
+
+def test_segmentation_finetune_from_an_entry_then_eval(scenes_root, with_backbone, tmp_path):
+    run = tmp_path / "seg"
+    summary = json.loads(invoke([
+        "finetune", BACKBONE, "--task", "segmentation", "--data", scenes_root / "seg", "-o", run,
+        "--batch", "1x4", "--lr", "0.01", "--epochs", "6", "--set", "augmentation.crop=96",
+        "--set", "model_kwargs.output_stride=16", "--log-every", "2", "-j", "0", "--json"]))
+    assert summary["steps"] == 6 * (16 // 4)
+    losses = train_losses(run)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
+    val = summary["val"]
+    assert 0 <= val["miou"] <= 100 and 0 <= val["pixel_accuracy"] <= 100
+    assert len(val["per_class_iou"]) == 11
+
+    model, entry = load_task_model(run)
+    assert entry["task"] == "segmentation" and entry["model"] == "deeplabv3_resnet_sn"
+    evaluated = json.loads(invoke(["eval", run / "entry.json", "--task", "segmentation", "--data",
+                                   scenes_root / "seg", "--json", "-q"]))
+    assert evaluated["miou"] == pytest.approx(val["miou"], abs=1e-9)
+    assert evaluated["pixel_accuracy"] == pytest.approx(val["pixel_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["per-device", "sync-stats"])
+def test_two_process_detection_finetune(scenes_root, backbone_overlay, tmp_path, sync):
+    overlay, _ = backbone_overlay
+    run = tmp_path / "run"
+    args = ["finetune", BACKBONE, "--task", "detection", "--data", scenes_root / "coco", "-o", run,
+            "--batch", "2x2", "--lr", "0.01", "--set", "iterations=4", "--val-subset", "2", "-j", "0",
+            "--sync-stats" if sync else "--no-sync-stats", *DETECTION_SETTINGS]
+    proc = snzoo_train(args, nproc=2, module="snzoo", env_extra={"SNZOO_MANIFEST": str(overlay)})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and "2 process(es)" in summary["plan"]
+    assert ("synchronised over all 4 images" in summary["plan"]) == sync
+    model, _ = load_task_model(run)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "detection", "--data", "{seg}"], "annotations"),
+    (["--task", "segmentation", "--data", "{coco}"], "SegmentationClass"),
+    (["--task", "detection", "--model", "yolo_sn", "--data", "{coco}"], "unknown detection model 'yolo_sn'"),
+    (["--task", "detection", "--freeze", "layer1", "--data", "{coco}"], "for classification"),
+])
+def test_bad_task_finetunes_are_one_line(scenes_root, with_backbone, tmp_path, args, message):
+    args = [a.format(seg=scenes_root / "seg", coco=scenes_root / "coco") for a in args]
+    result = CliRunner().invoke(cli, ["finetune", BACKBONE, "-o", str(tmp_path / "run"), *args])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_task_needs_a_task_entry(scenes_root, tmp_path):
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path), "--task", "detection", "--data",
+                                      str(scenes_root / "coco")])
+    assert result.exit_code != 0 and "no task entry there" in result.output
