@@ -154,11 +154,16 @@ def last_importance(records: list[dict]) -> Optional[dict]:
     return found[-1] if found else None
 
 
+# The metrics a run validates with, by task, and their axis labels.
+VALIDATION_METRICS = {"top1": "top-1", "box_AP": "box AP", "mask_AP": "mask AP", "miou": "mIoU"}
+
+
 def plot_run(run_dir: PathLike, out_dir: Optional[PathLike] = None) -> list[Path]:
     """Draw the curves of a run's metrics.jsonl into out_dir (default run_dir/plots); returns the files written.
 
     loss.png: training loss per logged step with a smoothed line (and validation loss where logged);
-    top1.png: top-1 per epoch for every split that logs it (per step when no epoch is logged);
+    top1.png (box_AP.png, mask_AP.png, miou.png for detection and segmentation runs): the validation metric per
+    epoch for every split that logs it (per step when no epoch is logged);
     lr.png: the learning rate per step; importance.png: the last importance record, when there is one.
     """
     run_dir = Path(run_dir)
@@ -183,20 +188,21 @@ def plot_run(run_dir: PathLike, out_dir: Optional[PathLike] = None) -> list[Path
                            "style": {"color": "#ff7f0e", "marker": "o", "linestyle": "-"}})
         written.append(_line_figure(series, "step", "loss", f"{name}: training loss", out_dir / "loss.png"))
 
-    top1_series = []
-    for split in dict.fromkeys(r.get("split") for r in records):
-        if split == "importance":
-            continue
-        rows = [r for r in records if r.get("split") == split]
-        x, y = _per_epoch(rows, "top1")
-        if not x:
-            x, y = _points(rows, "top1")
-        if x:
-            top1_series.append({"x": x, "y": y, "label": f"{split} top-1", "style": {"marker": "o", "markersize": 3}})
-    if top1_series:
-        per_epoch = any(isinstance(r.get("epoch"), int) and "top1" in r for r in records)
-        written.append(_line_figure(top1_series, "epoch" if per_epoch else "step", "top-1", f"{name}: top-1",
-                                    out_dir / "top1.png"))
+    for key, label in VALIDATION_METRICS.items():
+        series = []
+        for split in dict.fromkeys(r.get("split") for r in records):
+            if split == "importance":
+                continue
+            rows = [r for r in records if r.get("split") == split]
+            x, y = _per_epoch(rows, key)
+            if not x:
+                x, y = _points(rows, key)
+            if x:
+                series.append({"x": x, "y": y, "label": f"{split} {label}", "style": {"marker": "o", "markersize": 3}})
+        if series:
+            per_epoch = any(isinstance(r.get("epoch"), int) and key in r for r in records)
+            written.append(_line_figure(series, "epoch" if per_epoch else "step", label, f"{name}: {label}",
+                                        out_dir / f"{key}.png"))
 
     lr_steps, lrs = _points([r for r in records if r.get("split") != "importance"], "lr")
     if lr_steps:
@@ -208,7 +214,7 @@ def plot_run(run_dir: PathLike, out_dir: Optional[PathLike] = None) -> list[Path
         written.append(plot_importance(importance["layers"], out_dir / "importance.png",
                                        f"{name}: importance weights at step {importance['step']}"))
     if not written:
-        raise PlotError(f"{run_dir} logs no loss, top1, lr or importance weights; nothing to plot")
+        raise PlotError(f"{run_dir} logs no loss, validation metric, lr or importance weights; nothing to plot")
     return written
 
 
