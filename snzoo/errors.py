@@ -28,7 +28,8 @@ class ManifestError(SnzooError, ValueError):
 
 
 class ModelConfigError(SnzooError, ValueError):
-    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use."""
+    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use, or a task model
+    argument that cannot be built (a backbone that is not an SN ResNet, an output stride, a frozen-stage count)."""
 
 
 # ------------------------------------------------------------------------------------------------ weights
