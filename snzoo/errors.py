@@ -28,7 +28,8 @@ class ManifestError(SnzooError, ValueError):
 
 
 class ModelConfigError(SnzooError, ValueError):
-    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use."""
+    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use, or a task model's
+    argument that cannot be used (a detection backbone that is not an SN ResNet, an unknown head, a stage count)."""
 
 
 # ------------------------------------------------------------------------------------------------ weights
