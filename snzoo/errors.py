@@ -28,8 +28,9 @@ class ManifestError(SnzooError, ValueError):
 
 
 class ModelConfigError(SnzooError, ValueError):
-    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use, or a task model
-    argument that cannot be built (a backbone that is not an SN ResNet, an output stride, a frozen-stage count)."""
+    """A model folder whose config.json is missing, unreadable or has a field snzoo cannot use, or a task model's
+    argument that cannot be used (a backbone that is not an SN ResNet, an unknown head, an output stride, a
+    frozen-stage count)."""
 
 
 # ------------------------------------------------------------------------------------------------ weights

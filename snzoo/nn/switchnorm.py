@@ -142,8 +142,13 @@ class _SwitchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        mean_probs, var_probs = self.importance_weights()
         group = self._sync_group()
+        if x.shape[0] == 0 and (group is None or not self.training):
+            # An empty batch (a detector's mask head when nothing was detected): as torch's norm layers, an empty
+            # output still tied to the affine parameters, and no statistics to take or update.
+            shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+            return x * self.weight.reshape(shape) + self.bias.reshape(shape)
+        mean_probs, var_probs = self.importance_weights()
         if group is None and F_sn.takes_whole_layer(x):
             # What F_sn.switch_norm would run, without its dispatch: on small maps the Python around the one
             # operator call costs as much as the call itself.
