@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from snzoo.detection._heads import FPN_CHANNELS, sn_norm_layer
-from snzoo.detection._trunk import build_trunk, check_trainable_layers, freeze_stages
+from snzoo._task_trunk import build_trunk, check_trainable_layers, freeze_stages
 from snzoo.nn import switchnorm_layers
 
 
@@ -47,7 +47,7 @@ def sn_resnet_fpn_backbone(
     configs). All but the last trainable_layers stages (0..5; 3 = layer2..layer4 train) are frozen.
     """
     check_trainable_layers(trainable_layers)
-    trunk = build_trunk(backbone, pretrained_backbone, using_bn, backbone_checkpoint)
+    trunk = build_trunk(backbone, pretrained_backbone, using_bn, backbone_checkpoint, task="detection")
     has_bn = any(layer.using_bn for layer in switchnorm_layers(trunk))
     freeze_stages(trunk, trainable_layers)
     return SNResNetFPN(trunk, has_bn)

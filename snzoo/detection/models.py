@@ -9,7 +9,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from snzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from snzoo.detection import _heads
-from snzoo.detection._trunk import backbone_spec, check_trainable_layers
+from snzoo._task_trunk import backbone_spec, check_trainable_layers
 from snzoo.detection.backbone import SNResNetFPN, sn_resnet_fpn_backbone
 from snzoo.errors import ModelConfigError
 
@@ -42,7 +42,7 @@ def _build(with_masks: bool, num_classes: int, backbone: str, pretrained_backbon
 
 
 def _check_depth_50(builder: str, backbone: str) -> None:
-    depth = backbone_spec(backbone).depth
+    depth = backbone_spec(backbone, "detection").depth
     if depth != 50:
         raise ModelConfigError(
             f"{builder} takes a depth-50 backbone, and {backbone!r} has depth {depth}; use "

@@ -15,14 +15,8 @@ from torchvision.models.segmentation import DeepLabV3
 
 from snzoo.errors import ModelConfigError
 from snzoo.nn import switchnorm_layers
-from snzoo.segmentation._backbone import (
-    DeepLabBackbone,
-    backbone_spec,
-    build_trunk,
-    check_output_stride,
-    check_trainable_layers,
-    freeze_stages,
-)
+from snzoo._task_trunk import backbone_spec, check_trainable_layers, freeze_stages
+from snzoo.segmentation._backbone import DeepLabBackbone, build_trunk, check_output_stride
 from snzoo.segmentation._heads import sn_deeplab_head, sn_fcn_head
 
 
@@ -76,7 +70,7 @@ def deeplabv3_resnet_sn(
 
 
 def _check_depth(builder: str, backbone: str, depth: int) -> None:
-    spec = backbone_spec(backbone)
+    spec = backbone_spec(backbone, "segmentation")
     if spec.depth != depth:
         raise ModelConfigError(
             f"{builder} needs a ResNet-{depth} backbone, but {backbone!r} is a ResNet-{spec.depth}; pass a "
