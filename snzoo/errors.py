@@ -128,7 +128,8 @@ class DeviceError(SnzooError, ValueError):
 
 
 class IntegrationImportError(SnzooError, ImportError):
-    """An integration (snzoo.integrations.timm) imported where the library it plugs into is not installed."""
+    """An integration (snzoo.integrations.timm) imported, or a feature needing an optional library used (COCO data
+    and metrics: pycocotools), where that library is not installed."""
 
 
 class IntegrationArgumentError(SnzooError, TypeError):

@@ -1,4 +1,5 @@
-"""Evaluation data: image decoding, the 1-crop transform, and ImageNet val in every layout users hold it in."""
+"""Data: image decoding, the 1-crop transform, ImageNet val in every layout users hold it in, and the task data of
+detection (COCO-format folders) and segmentation (VOC-style folders) with their paired transforms."""
 
 from snzoo.data.datasets import (
     IMG_EXTENSIONS,
@@ -13,6 +14,16 @@ from snzoo.data.datasets import (
     collate_skip_bad,
     load_rgb,
 )
+from snzoo.data.augment import SeededPairAugmentation
+from snzoo.data.coco import CocoDetection, collate_detection
+from snzoo.data.pair_transforms import (
+    SEGMENTATION_IGNORE,
+    detection_eval_transform,
+    detection_train_transform,
+    segmentation_eval_transform,
+    segmentation_train_transform,
+)
+from snzoo.data.segmentation import SegmentationFolder
 from snzoo.data.encoded import EncodedImageDataset, imagenet_classes, sample_file_name
 from snzoo.data.hf_datasets import HFImageDataset
 from snzoo.data.ilsvrc_devkit import DevkitLabels, read_devkit
@@ -38,6 +49,15 @@ __all__ = [
     "IMG_EXTENSIONS",
     "INTERPOLATIONS",
     "BadImageError",
+    "CocoDetection",
+    "SEGMENTATION_IGNORE",
+    "SeededPairAugmentation",
+    "SegmentationFolder",
+    "collate_detection",
+    "detection_eval_transform",
+    "detection_train_transform",
+    "segmentation_eval_transform",
+    "segmentation_train_transform",
     "DataError",
     "DevkitLabels",
     "EncodedImageDataset",

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGENET_PCA_EIGVEC",
     "Lighting",
     "SeededAugmentation",
+    "SeededPairAugmentation",
     "eval_transform_small",
     "final_phase_transform",
     "train_transform",
@@ -265,7 +266,8 @@ class SeededAugmentation(Dataset):
     def set_transform(self, transform: Transform) -> None:
         """Switch the transform, e.g. to ``final_phase_transform`` for a recipe's last epochs."""
         if not callable(transform):
-            raise DataError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
+            raise DataError(f"transform must be callable (PIL image -> tensor, or a pair transform), "
+                            f"got {type(transform).__name__}")
         self.transform = transform
 
     @property
@@ -277,17 +279,29 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Any, int, int] | Skipped:
+        item = self._pil_item(index)
+        if isinstance(item, Skipped):
+            return item
+        image, label = item
+        return self._apply(int(index), image), label, int(index)
+
+    def _pil_item(self, index: int) -> tuple[Image.Image, Any] | Skipped:
+        """The wrapped dataset's ``(PIL image, label or target)`` of ``index``, checked, or its Skipped record."""
         item = self.dataset[index]
         if isinstance(item, Skipped):
             return item
         if not isinstance(item, tuple) or len(item) not in (2, 3):
             raise DataError(f"{type(self.dataset).__name__} item {index} is a {type(item).__name__}; "
                             "expected (image, label) or (image, label, index)")
-        image, label = item[0], item[1]
+        image = item[0]
         if not isinstance(image, Image.Image):
             raise DataError(f"{type(self.dataset).__name__} item {index} holds a {type(image).__name__}, not a PIL "
                             "image; expected the dataset created with transform=None")
-        sample_seed = self._sample_seed(int(index))
+        return image, item[1]
+
+    def _apply(self, index: int, *inputs: Any) -> Any:
+        """``self.transform(*inputs)`` with the generators seeded for sample ``index``."""
+        sample_seed = self._sample_seed(index)
         # Only the generators the transforms draw from are seeded: torch.manual_seed would also queue a lazy
         # CUDA seeding (with a stack trace) per sample where CUDA is not initialised, more than a small image's
         # whole transform costs. Where CUDA runs in this process it is seeded as torch.manual_seed seeds it.
@@ -295,18 +309,17 @@ class SeededAugmentation(Dataset):
             # A worker's generators feed nothing but these transforms, each seeded first: nothing to restore.
             torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
-            return self.transform(image), label, int(index)
+            return self.transform(*inputs)
         torch_state, python_state = torch.get_rng_state(), random.getstate()
         torch.default_generator.manual_seed(sample_seed)
         if torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(sample_seed)
         random.seed(sample_seed)
         try:
-            out = self.transform(image)
+            return self.transform(*inputs)
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(python_state)
-        return out, label, int(index)
 
     def _sample_seed(self, index: int) -> int:
         count = len(self)
@@ -316,3 +329,19 @@ class SeededAugmentation(Dataset):
             # One vectorised SeedSequence pass per epoch: a SeedSequence per sample costs about 20 us.
             self._seeds, self._seeds_of = sample_seeds(self.seed, self.epoch, count), (self.seed, self.epoch, count)
         return int(self._seeds[index])
+
+
+class SeededPairAugmentation(SeededAugmentation):
+    """Items ``(image, target, index)`` of a pair transform ``transform(image, target) -> (image, target)``
+    (detection boxes and masks, segmentation masks), seeded per sample exactly as ``SeededAugmentation`` is.
+
+    The wrapped dataset must be created with ``transform=None`` and yield ``(PIL image, target)``:
+    ``CocoDetection`` (target a dict) or ``SegmentationFolder`` (target an int64 mask).
+    """
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int] | Skipped:
+        item = self._pil_item(index)
+        if isinstance(item, Skipped):
+            return item
+        image, target = self._apply(int(index), *item)
+        return image, target, int(index)
