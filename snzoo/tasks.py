@@ -102,11 +102,13 @@ def default_task_model(task: str, backbone_depth: Optional[int] = None) -> str:
     return name
 
 
-def task_entry(name: str, *, task: str, model: str, model_kwargs: dict, backbone: str, classes: list,
-               weights: dict, metrics: dict, eval_config: dict, recipe: dict, notes: list) -> dict:
-    """The entry of a fine-tuned task model, as `entry.json` holds it."""
+def task_entry(name: str, *, task: str, model: str, model_kwargs: dict, backbone: str, backbone_architecture: str,
+               classes: list, weights: dict, metrics: dict, eval_config: dict, recipe: dict, notes: list) -> dict:
+    """The entry of a fine-tuned task model, as `entry.json` holds it: `backbone` is where training started (a
+    zoo entry), `backbone_architecture` what the model is rebuilt from (with model_kwargs' using_bn)."""
     return {"schema_version": TASK_ENTRY_SCHEMA_VERSION, "entries": {name: {
         "task": task, "model": model, "model_kwargs": model_kwargs, "backbone": backbone,
+        "backbone_architecture": backbone_architecture,
         "num_classes": model_kwargs["num_classes"], "classes": classes, "sources": [weights], "metrics": metrics,
         "eval": eval_config, "recipe": recipe,
         "provenance": {"paper": "arXiv:1806.10779", "repository": "snzoo", "license": "Apache-2.0"}, "notes": notes,
@@ -136,10 +138,11 @@ def read_task_entry(path: Union[str, Path]) -> tuple[str, dict, Path]:
 
 
 def build_task_model(entry: dict, **overrides: Any) -> nn.Module:
-    """The entry's model with random weights (the backbone is not fetched): the builder and its arguments."""
+    """The entry's model with random weights (the backbone is not fetched, and its zoo entry need not exist): the
+    builder and its arguments on the backbone's architecture."""
     builder = task_model_builder(entry["task"], entry["model"])
     kwargs = {**entry["model_kwargs"], **overrides}
-    return builder(backbone=entry["backbone"], pretrained_backbone=False, **kwargs)
+    return builder(backbone=entry.get("backbone_architecture", entry["backbone"]), pretrained_backbone=False, **kwargs)
 
 
 def load_task_model(path: Union[str, Path], **overrides: Any) -> tuple[nn.Module, dict]:

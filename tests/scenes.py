@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from snzoo.data.fashion_mnist import FashionMNIST
-from tests.photos import photo_paths
+from photos import photo_paths
 
 THRESHOLD = 40  # grey level above which a garment pixel belongs to the garment
 MIN_PIXELS = 30  # objects with fewer visible pixels are dropped

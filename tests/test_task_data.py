@@ -23,7 +23,7 @@ from snzoo.data import (
     segmentation_train_transform,
 )
 from snzoo.errors import DataError
-from tests.scenes import IGNORE, MIN_PIXELS, label_map, make_scenes, tight_box, write_coco, \
+from scenes import IGNORE, MIN_PIXELS, label_map, make_scenes, tight_box, write_coco, \
     write_segmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,8 +63,8 @@ def test_scene_masks_are_the_visible_garment_pixels(scenes):
 
 def test_scene_masks_are_exactly_the_painted_pixels(scenes):
     # Outside the masks the image is one of the photographs untouched; inside nearly every pixel differs from it.
-    from tests.photos import photo_paths
-    from tests.scenes import _photo
+    from photos import photo_paths
+    from scenes import _photo
 
     for scene in scenes:
         pixels = np.asarray(scene.image).astype(int)

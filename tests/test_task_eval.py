@@ -17,7 +17,7 @@ from torch import nn
 from snzoo.data import CocoDetection, detection_eval_transform
 from snzoo.errors import DataError, IntegrationImportError
 from snzoo.eval import COCO_STATS, evaluate_detection, evaluate_segmentation
-from tests.scenes import make_scenes, write_coco
+from scenes import make_scenes, write_coco
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

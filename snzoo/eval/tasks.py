@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 from snzoo.errors import DataError
+from snzoo.eval.detection import COCO_STATS
 from snzoo.eval.results import append_rows
 
-DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 SEGMENTATION_COLUMNS = ["model", "task", "dataset", "n", "miou", "pixel_accuracy", "mean_class_accuracy",
                         "images_per_s", "checkpoint_sha256"]
-DETECTION_COLUMNS = (["model", "task", "dataset", "n"] + [f"box_{s}" for s in DETECTION_STATS]
-                     + [f"mask_{s}" for s in DETECTION_STATS] + ["images_per_s", "checkpoint_sha256"])
+DETECTION_COLUMNS = (["model", "task", "dataset", "n"] + [f"box_{s}" for s in COCO_STATS]
+                     + [f"mask_{s}" for s in COCO_STATS] + ["images_per_s", "checkpoint_sha256"])
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TaskEvalResult:
                "images_per_s": round(self.images_per_s, 2), "checkpoint_sha256": self.checkpoint_sha256}
         if self.task == "detection":
             for kind in ("box", "mask"):
-                for stat in DETECTION_STATS:
+                for stat in COCO_STATS:
                     values = self.metrics.get(kind) or {}
                     row[f"{kind}_{stat}"] = round(values[stat], 3) if stat in values else None
         else:

@@ -106,8 +106,10 @@ def export_task_run(run_dir: Path, model: nn.Module, cfg, data, val_metrics: dic
     digests = write_safetensors(model.state_dict(), weights, {"entry": name, "task": task,
                                                               "snzoo_version": __version__, "format": "pt"})
     metrics = {k: v for k, v in val_metrics.items() if k != "dataset"}
+    architecture = zoo.get_entry(backbone).architecture if "." in backbone else backbone
     document = task_entry(
-        name, task=task, model=cfg.name, model_kwargs=model_kwargs, backbone=backbone, classes=list(data.classes),
+        name, task=task, model=cfg.name, model_kwargs=model_kwargs, backbone=backbone,
+        backbone_architecture=architecture, classes=list(data.classes),
         weights={"url": weights.resolve().as_uri(), "kind": "file", "format": "safetensors", "file_name": weights.name,
                  "sha256": digests.sha256, "md5": digests.md5, "size": digests.size},
         metrics={data.val_name: metrics} if val_metrics else {}, eval_config=data.eval_config, recipe=cfg.recipe,

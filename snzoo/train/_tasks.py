@@ -18,6 +18,7 @@ from torch import nn
 from snzoo import zoo
 from snzoo.errors import DataError, TrainingError, UnknownModelError
 from snzoo.eval.engine import evaluate
+from snzoo.nn import switchnorm_layers
 from snzoo.train._model import build_run_model, input_format
 from snzoo.train._run_entry import check_entry_name, export_run, export_task_run
 from snzoo.train.data import TrainData, build_train_data
@@ -126,8 +127,11 @@ class _TaskModelTask(ClassificationTask):
         backbone, _ = self.backbone_source(cfg)
         if cfg.entry_name is not None:
             check_entry_name(cfg.entry_name)
+        kwargs = self.model_kwargs(cfg, data.num_classes)
+        # Recorded as built, so the entry rebuilds the model from the backbone's architecture alone.
+        kwargs["using_bn"] = any(layer.using_bn for layer in switchnorm_layers(model))
         return export_task_run(run_dir, model, cfg, data, val_metrics, task=self.name, backbone=backbone,
-                               model_kwargs=self.model_kwargs(cfg, data.num_classes))
+                               model_kwargs=kwargs)
 
 
 def _first(dataset, count: Optional[int]):
@@ -163,7 +167,8 @@ class DetectionTask(_TaskModelTask):
         names = [train.categories.get(i, "") for i in range(train.num_classes)]
         return TrainData(train=SeededPairAugmentation(_first(train, cfg.subset), augmentation, cfg.seed),
                          train_transform=augmentation, final_transform=None, train_eval=None,
-                         val=_first(val, cfg.val_subset) if val is not None else None, val_name=f"{root.name}-val",
+                         # The COCO evaluation needs the whole data set (its annotations): a limit, not a subset.
+                         val=val, val_limit=cfg.val_subset, val_name=f"{root.name}-val",
                          num_classes=train.num_classes, classes=names,
                          eval_config={"dataset": f"{root.name}-val", "metric": "coco"}, collate=collate_detection)
 
@@ -184,7 +189,7 @@ class DetectionTask(_TaskModelTask):
         from snzoo.eval import evaluate_detection
 
         result = evaluate_detection(model, data.val, batch_size=batch_size, device=device, workers=workers,
-                                    progress=False)
+                                    limit=data.val_limit, progress=False)
         metrics = {"dataset": data.val_name, "n": result.n, "box": result.box}
         scalars = {"box_AP": result.box["AP"], "box_AP50": result.box["AP50"]}
         line = f"val box AP {result.box['AP']:.2f} AP50 {result.box['AP50']:.2f}"

@@ -30,6 +30,7 @@ class TrainData:
     classes: list
     eval_config: dict
     collate: Optional[Callable] = None  # the DataLoader's collate_fn (None: stack the items)
+    val_limit: Optional[int] = None  # validate on the first N images only (data sets that must stay whole)
 
 
 def _first(dataset: Dataset, count: Optional[int]) -> Dataset:
