@@ -135,11 +135,12 @@ def test_segmentation_finetune_from_an_entry_then_eval(scenes_root, with_backbon
     assert evaluated["pixel_accuracy"] == pytest.approx(val["pixel_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("sync", [False, True], ids=["per-device", "sync-stats"])
-def test_two_process_detection_finetune(scenes_root, backbone_overlay, tmp_path, sync):
+@pytest.mark.parametrize("sync, model", [(False, "fasterrcnn_resnet_fpn_sn"), (True, "maskrcnn_resnet_fpn_sn")],
+                         ids=["per-device", "sync-stats"])
+def test_two_process_detection_finetune(scenes_root, backbone_overlay, tmp_path, sync, model):
     overlay, _ = backbone_overlay
     run = tmp_path / "run"
-    args = ["finetune", BACKBONE, "--task", "detection", "--data", scenes_root / "coco", "-o", run,
+    args = ["finetune", BACKBONE, "--task", "detection", "--model", model, "--data", scenes_root / "coco", "-o", run,
             "--batch", "2x2", "--lr", "0.01", "--set", "iterations=4", "--val-subset", "2", "-j", "0",
             "--sync-stats" if sync else "--no-sync-stats", *DETECTION_SETTINGS]
     proc = snzoo_train(args, nproc=2, module="snzoo", env_extra={"SNZOO_MANIFEST": str(overlay)})
@@ -148,8 +149,11 @@ def test_two_process_detection_finetune(scenes_root, backbone_overlay, tmp_path,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and "2 process(es)" in summary["plan"]
     assert ("synchronised over all 4 images" in summary["plan"]) == sync
-    model, _ = load_task_model(run)
-    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    # Validation ran on rank 0: box AP, and mask AP for Mask R-CNN, every COCO statistic.
+    assert len(summary["val"]["box"]) == 12 and len(summary["val"].get("mask", ())) == (12 if sync else 0)
+    built, entry = load_task_model(run)
+    assert entry["model"] == model
+    assert all(torch.isfinite(t).all() for t in built.state_dict().values() if t.is_floating_point())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -202,3 +206,17 @@ def test_ghost_batches_reach_the_backbone_and_fpn_only():
     apart = [backbone(images[i:i + 2]) for i in (0, 2)]
     for key in together:
         assert torch.allclose(together[key], torch.cat([a[key] for a in apart]), atol=1e-5), key
+
+
+def test_detection_resume_equals_an_uninterrupted_run_and_plots(scenes_root, with_backbone, tmp_path):
+    common = ["finetune", BACKBONE, "--task", "detection", "--data", scenes_root / "coco", "--batch", "1x2",
+              "--set", "iterations=4", "--val-subset", "2", "-j", "0", "--deterministic", *DETECTION_SETTINGS]
+    invoke([*common, "-o", tmp_path / "whole"])
+    invoke([*common, "-o", tmp_path / "parts", "--max-steps", "2"])
+    invoke([*common, "-o", tmp_path / "parts", "--resume"])
+    whole, parts = (load_task_model(tmp_path / name)[0].state_dict() for name in ("whole", "parts"))
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
+    plots = invoke(["plot", tmp_path / "whole"])
+    assert (tmp_path / "whole" / "plots" / "box_AP.png").is_file() and "box_AP.png" in plots

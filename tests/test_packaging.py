@@ -129,3 +129,14 @@ def test_wheel_installed_in_a_fresh_environment_evaluates_a_shipped_entry_and_bu
     assert result["n"] == limit
     assert (round(result["top1"], 2), round(result["top5"], 2)) == (published.top1, published.top5), result
     assert result["checkpoint_sha256"] == entry.sources[0].sha256
+
+
+def test_every_package_is_in_the_wheel_list():
+    """A package missing from setup.cfg's `packages` is missing from the installed snzoo."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "snzoo").rglob("__init__.py")}
+    assert found - listed == set()
