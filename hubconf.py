@@ -1,10 +1,11 @@
-"""torch.hub entry points of snzoo: one per architecture.
+"""torch.hub entry points of snzoo: one per architecture, and one per detection and segmentation model.
 
     model = torch.hub.load("<owner>/snzoo", "resnet50v1_sn", pretrained=True)
     model = torch.hub.load(repo_dir, "resnet50v1_sn", source="local", tag="in1k_8x32_step100", pretrained=True)
+    model = torch.hub.load("<owner>/snzoo", "maskrcnn_resnet50_fpn_sn", num_classes=91)   # SN backbone entry's weights
 """
 
-dependencies = ["torch", "safetensors", "jsonschema"]
+dependencies = ["torch", "torchvision", "safetensors", "jsonschema"]
 
 import snzoo as _snzoo
 from snzoo import zoo as _zoo
@@ -46,3 +47,15 @@ def _entry_point(arch: str):
 
 for _arch in _snzoo.list_models():
     globals()[_arch] = _entry_point(_arch)
+
+
+def _task_models() -> dict:
+    from snzoo.detection import DETECTION_MODELS
+    from snzoo.segmentation import SEGMENTATION_MODELS
+
+    return {**DETECTION_MODELS, **SEGMENTATION_MODELS}
+
+
+# The task builders as they are: their docstrings say what mirrors the original configs.
+for _name, _builder in _task_models().items():
+    globals()[_name] = _builder

@@ -24,8 +24,23 @@ def hub_checkout(tmp_path, monkeypatch):
     return dict(trust_repo=True, skip_validation=True)
 
 
-def test_hub_list_has_one_entry_point_per_architecture(hub_checkout):
-    assert sorted(torch.hub.list(GITHUB, **hub_checkout)) == snzoo.list_models()
+def test_hub_list_has_one_entry_point_per_architecture_and_task_model(hub_checkout):
+    from snzoo.detection import DETECTION_MODELS
+    from snzoo.segmentation import SEGMENTATION_MODELS
+
+    assert sorted(torch.hub.list(GITHUB, **hub_checkout)) == sorted(
+        snzoo.list_models() + list(DETECTION_MODELS) + list(SEGMENTATION_MODELS))
+
+
+def test_hub_loads_task_models_with_their_documentation(hub_checkout):
+    detector = torch.hub.load(GITHUB, "maskrcnn_resnet_fpn_sn", num_classes=3, backbone="resnet18v1_sn",
+                              pretrained_backbone=False, **hub_checkout)
+    assert type(detector).__name__ == "MaskRCNN" and detector.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    segmenter = torch.hub.load(GITHUB, "deeplabv3_resnet_sn", num_classes=4, backbone="resnet18v1_sn",
+                               pretrained_backbone=False, **hub_checkout)
+    with torch.no_grad():
+        assert segmenter.eval()(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 4, 64, 64)
+    assert "41.01 box AP / 36.12 mask AP" in torch.hub.help(GITHUB, "maskrcnn_resnet50_fpn_sn", **hub_checkout)
 
 
 def test_hub_help_lists_entries_and_accuracies(hub_checkout):

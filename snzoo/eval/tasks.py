@@ -46,7 +46,8 @@ class TaskEvalResult:
                     values = self.metrics.get(kind) or {}
                     row[f"{kind}_{stat}"] = round(values[stat], 3) if stat in values else None
         else:
-            row.update({k: round(self.metrics[k], 3) for k in ("miou", "pixel_accuracy", "mean_class_accuracy")})
+            row.update({k: None if self.metrics[k] is None else round(self.metrics[k], 3)
+                        for k in ("miou", "pixel_accuracy", "mean_class_accuracy")})
         return row
 
 
@@ -101,8 +102,8 @@ def evaluate_task_model(
 
         result = evaluate_segmentation(model, dataset, entry["num_classes"], device=device, workers=workers,
                                        limit=limit, progress=progress)
-        metrics = {"miou": result.miou, "pixel_accuracy": result.pixel_accuracy,
-                   "mean_class_accuracy": result.mean_class_accuracy, "per_class_iou": result.per_class_iou}
+        scores = result.to_dict()  # JSON-ready: a class absent from the data has IoU None, not NaN
+        metrics = {k: scores[k] for k in ("miou", "pixel_accuracy", "mean_class_accuracy", "per_class_iou")}
     return TaskEvalResult(model=name, task=entry["task"], dataset=dataset_name, n=result.n, metrics=metrics,
                           images_per_s=getattr(result, "images_per_s", 0.0),
                           checkpoint_sha256=entry["sources"][0].get("sha256"),

@@ -6,7 +6,6 @@ synchronised statistics, schedule, checkpoints and resume, non-finite handling, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -241,10 +240,9 @@ class SegmentationTask(_TaskModelTask):
 
         result = evaluate_segmentation(model, data.val, data.num_classes, device=device, workers=workers,
                                        progress=False)
-        metrics = {"dataset": data.val_name, "n": result.n, "miou": result.miou,
-                   "pixel_accuracy": result.pixel_accuracy,
-                   # A class absent from the val images has no IoU: null, not NaN, in the JSON summary.
-                   "per_class_iou": [None if math.isnan(v) else v for v in result.per_class_iou]}
+        scores = result.to_dict()  # a class absent from the val images has no IoU: null, not NaN, in the summary
+        metrics = {"dataset": data.val_name, "n": result.n, "miou": scores["miou"],
+                   "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["per_class_iou"]}
         return Validation(metrics, {"miou": result.miou, "pixel_accuracy": result.pixel_accuracy},
                           f"val mIoU {result.miou:.2f} pixel accuracy {result.pixel_accuracy:.2f} ({result.n} images)")
 
