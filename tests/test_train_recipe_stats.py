@@ -2,7 +2,7 @@
 
 One spawn of two processes runs every scenario through `train()` (starting processes is the slow part). Each rank
 records its own running statistics after every optimiser step, and rank 0 those its validation sees, by wrapping
-the engine's `build_optimizer` and `evaluate`: the real functions run, the wrappers only copy the buffers.
+the engine's `build_optimizer` and the validation's `evaluate`: the real functions run, the wrappers only copy the buffers.
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ def _worker(rank: int, ports: list, out_dir: str) -> None:
     if os.path.isdir("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    from snzoo.train import engine
+    from snzoo.train import _tasks, engine
 
     record: dict = {}
-    build, evaluate = engine.build_optimizer, engine.evaluate
+    build, evaluate = engine.build_optimizer, _tasks.evaluate
 
     def build_and_observe(model, recipe):
         optimizer = build(model, recipe)
@@ -78,7 +78,8 @@ def _worker(rank: int, ports: list, out_dir: str) -> None:
         record["val"].append(running_stats(model))
         return evaluate(model, *args, **kwargs)
 
-    engine.build_optimizer, engine.evaluate = build_and_observe, evaluate_and_observe
+    # Validation goes through the classification task's adapter, which calls snzoo.eval's `evaluate`.
+    engine.build_optimizer, _tasks.evaluate = build_and_observe, evaluate_and_observe
     for (name, (recipe, run_dir, extra)), port in zip(SCENARIOS.items(), ports):
         os.environ["MASTER_PORT"] = str(port)
         record.update(steps=[], val=[])
