@@ -330,6 +330,19 @@ def test_mirror_is_tried_first(checkpoint, server, use_entry, monkeypatch):
     assert server.requests and all(unquote(r.path) == f"/mirror/{FILE}" for r in server.requests)
 
 
+def test_offline_never_reaches_a_network_mirror(checkpoint, server, use_entry, monkeypatch):
+    _, path, sha256 = checkpoint
+    mirror_dir = Path(server.directory) / "mirror"
+    mirror_dir.mkdir(exist_ok=True)
+    (mirror_dir / FILE).write_bytes(path.read_bytes())
+    use_entry(url=server.url(FILE), sha256=sha256)
+    monkeypatch.setenv("SNZOO_MIRROR", server.url("mirror"))
+    monkeypatch.setenv("SNZOO_OFFLINE", "1")
+    with pytest.raises(WeightsNotAvailableError, match="offline"):
+        fetch_weights(zoo.get_entry(ENTRY))
+    assert server.requests == []  # neither the mirror nor the source was asked
+
+
 def test_source_override_and_manual_file(checkpoint, server, use_entry, tmp_path):
     _, path, sha256 = checkpoint
     use_entry(url="https://127.0.0.1:9/dead-link", sha256=sha256)

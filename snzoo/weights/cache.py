@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from filelock import FileLock
 
 from snzoo.errors import ManifestError
 
@@ -25,6 +26,13 @@ def cache_path(file_name: str, directory: Optional[Path] = None) -> Path:
     if not file_name or Path(file_name).name != file_name or file_name in (".", ".."):
         raise ManifestError(f"file name {file_name!r} is not a plain file name; it would escape the cache {directory}")
     return directory / file_name
+
+
+def cache_lock(name: str, directory: Optional[Path] = None) -> FileLock:
+    """The inter-process lock that serialises fetching `name` (an entry or a pinned file) into the cache."""
+    locks = (Path(directory) if directory is not None else cache_dir()) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{name}.lock"))
 
 
 def _kind(path: Path) -> str:

@@ -19,13 +19,13 @@ from filelock import FileLock
 
 from snzoo._io import env_flag
 from snzoo.errors import CheckpointError, SnzooError, UnpinnedWeightsWarning, WeightsNotAvailableError
-from snzoo.weights.cache import cache_dir, cache_path
+from snzoo.weights.cache import cache_dir, cache_lock, cache_path
 from snzoo.weights.convert import read_record, record_path, verify_canonical, write_canonical
 from snzoo.errors import ChecksumError
 from snzoo.weights.download import hash_file
 from snzoo.weights.layouts import DETECTRON
 from snzoo.weights.pins import check_digests, is_pinned
-from snzoo.weights.sources import fetch_to_partial, local_path, mirror_source, offline_mode, reachable_offline, source_kind
+from snzoo.weights.sources import download_candidates, fetch_to_partial, local_path, offline_mode, source_kind
 from snzoo.weights.state_dict import read_state_dict
 from snzoo.zoo.entry import Entry, Source
 
@@ -39,9 +39,7 @@ def require_pinned_default() -> bool:
 
 def entry_lock(entry: Entry, directory: Path) -> FileLock:
     """The inter-process lock that serialises fetching one entry."""
-    locks = directory / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{entry.name}.lock"))
+    return cache_lock(entry.name, directory)
 
 
 def cached_canonical(entry: Entry, directory: Path) -> list[Path]:
@@ -88,13 +86,8 @@ def _candidates(entry: Entry, directory: Path, source_url: Optional[str], offlin
         placed = cache_path(source.file_name, directory)
         if placed.is_file():
             yield replace(source, url=str(placed), kind="file"), False
-    mirror = os.environ.get("SNZOO_MIRROR", "").strip()
-    if mirror and not source_url:
-        for source in sources:
-            yield mirror_source(mirror, source), True
-    for source in sources:
-        if not offline or reachable_offline(source):
-            yield source, True
+    for candidate in download_candidates(sources, offline, mirror=not source_url):
+        yield candidate, True
 
 
 def _describe(source: Source) -> str:

@@ -3,17 +3,14 @@ like. The same sources, mirror (SNZOO_MIRROR), offline rule and checksums as pre
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-from filelock import FileLock
-
 from snzoo.errors import ChecksumError, SnzooError, WeightsNotAvailableError
-from snzoo.weights.cache import cache_dir, cache_path
+from snzoo.weights.cache import cache_dir, cache_lock, cache_path
 from snzoo.weights.download import hash_file
 from snzoo.weights.pins import check_digests
-from snzoo.weights.sources import fetch_to_partial, mirror_source, offline_mode, reachable_offline
+from snzoo.weights.sources import download_candidates, fetch_to_partial, offline_mode
 from snzoo.zoo.entry import Source
 
 
@@ -29,24 +26,15 @@ def fetch_file(source: Source, what: str, *, offline: Optional[bool] = None, pro
     directory.mkdir(parents=True, exist_ok=True)
     target = cache_path(source.file_name, directory)
     offline = offline_mode() if offline is None else offline
-    locks = directory / ".locks"
-    locks.mkdir(exist_ok=True)
-    with FileLock(str(locks / f"{source.file_name}.lock")):
+    with cache_lock(source.file_name, directory):
         if target.is_file():
             try:
                 check_digests(hash_file(target), source, f"cached {what} {target}")
                 return target
             except ChecksumError:
                 target.unlink()  # a damaged copy is never used, and never left to be used later
-        candidates = []
-        mirror = os.environ.get("SNZOO_MIRROR", "").strip()
-        if mirror:
-            candidates.append(mirror_source(mirror, source))
-        candidates.append(source)
         failures = []
-        for candidate in candidates:
-            if offline and not reachable_offline(candidate):
-                continue
+        for candidate in download_candidates([source], offline):
             partial = target.with_name(target.name + ".part")
             try:
                 digests = fetch_to_partial(candidate, partial, progress=progress)

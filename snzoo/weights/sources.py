@@ -9,7 +9,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 from urllib.parse import quote, unquote, urlparse
 
 from snzoo._io import env_flag, first_line
@@ -80,6 +80,16 @@ def offline_mode() -> bool:
 def reachable_offline(source: Source) -> bool:
     """Sources that need no network: local and shipped files (and Hub files already in the Hugging Face cache)."""
     return source.kind in ("file", "package", "hf-hub")
+
+
+def download_candidates(sources: Sequence[Source], offline: bool, *, mirror: bool = True) -> Iterator[Source]:
+    """The places to fetch `sources`' files from, in order: their copies on the mirror (SNZOO_MIRROR, unless
+    `mirror` is False), then the sources themselves; offline, only the ones reachable without a network."""
+    base = os.environ.get("SNZOO_MIRROR", "").strip() if mirror else ""
+    candidates = [mirror_source(base, source) for source in sources] if base else []
+    for candidate in candidates + list(sources):
+        if not offline or reachable_offline(candidate):
+            yield candidate
 
 
 def _copy_into(src: Path, partial: Path) -> Digests:
