@@ -319,24 +319,24 @@ def test_offline_error_names_the_entry_cache_path_and_checksum(checkpoint, use_e
     assert_canonical_is(checkpoint, fetch_weights(zoo.get_entry(ENTRY)))
 
 
-def test_mirror_is_tried_first(checkpoint, server, use_entry, monkeypatch):
+def serve_mirror(checkpoint, server, use_entry, monkeypatch) -> None:
+    """The entry's file on a mirror of the test server (SNZOO_MIRROR), the entry pointing at the server."""
     _, path, sha256 = checkpoint
     mirror_dir = Path(server.directory) / "mirror"
     mirror_dir.mkdir(exist_ok=True)
     (mirror_dir / FILE).write_bytes(path.read_bytes())
     use_entry(url=server.url(FILE), sha256=sha256)
     monkeypatch.setenv("SNZOO_MIRROR", server.url("mirror"))
+
+
+def test_mirror_is_tried_first(checkpoint, server, use_entry, monkeypatch):
+    serve_mirror(checkpoint, server, use_entry, monkeypatch)
     assert_canonical_is(checkpoint, fetch_weights(zoo.get_entry(ENTRY)))
     assert server.requests and all(unquote(r.path) == f"/mirror/{FILE}" for r in server.requests)
 
 
 def test_offline_never_reaches_a_network_mirror(checkpoint, server, use_entry, monkeypatch):
-    _, path, sha256 = checkpoint
-    mirror_dir = Path(server.directory) / "mirror"
-    mirror_dir.mkdir(exist_ok=True)
-    (mirror_dir / FILE).write_bytes(path.read_bytes())
-    use_entry(url=server.url(FILE), sha256=sha256)
-    monkeypatch.setenv("SNZOO_MIRROR", server.url("mirror"))
+    serve_mirror(checkpoint, server, use_entry, monkeypatch)
     monkeypatch.setenv("SNZOO_OFFLINE", "1")
     with pytest.raises(WeightsNotAvailableError, match="offline"):
         fetch_weights(zoo.get_entry(ENTRY))
