@@ -18,11 +18,15 @@ from snzoo_cli.output import echo_json
 @click.option("--pretrained", is_flag=True, help="List zoo entries (ARCH.TAG) with weights instead of architectures.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--markdown", is_flag=True, help="Print the zoo table of the README (all entries).")
-def list_command(pattern: str, pretrained: bool, as_json: bool, markdown: bool) -> None:
+@click.option("--task", type=click.Choice(["detection", "segmentation"]),
+              help="List the zoo's fine-tuned task entries (MODEL.TAG) of this task instead.")
+def list_command(pattern: str, pretrained: bool, as_json: bool, markdown: bool, task) -> None:
     """List architectures, or zoo entries with --pretrained, matching PATTERN (fnmatch, e.g. 'resnet50*')."""
     if markdown:
         click.echo(zoo_table_markdown(), nl=False)
         return
+    if task:
+        return _list_task_entries(pattern, task, as_json)
     names = snzoo.list_models(pattern, pretrained=pretrained)
     if not pretrained:
         echo_json(names) if as_json else click.echo("\n".join(names))
@@ -43,6 +47,18 @@ def list_command(pattern: str, pretrained: bool, as_json: bool, markdown: bool) 
     for row in rows:
         mark = "*" if row["default"] else " "
         click.echo(f"{row['name']:<40} {mark} top-1 {_num(row['top1'])}  top-5 {_num(row['top5'])}")
+
+
+def _list_task_entries(pattern: str, task: str, as_json: bool) -> None:
+    from snzoo.tasks import get_task_entry, list_task_entries
+
+    rows = [{"name": name, "backbone": entry["backbone"], "metrics": entry["metrics"]}
+            for name, entry in ((n, get_task_entry(n)) for n in list_task_entries(pattern, task))]
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<50} from {row['backbone']}")
 
 
 def _num(value) -> str:

@@ -1,21 +1,26 @@
-"""Task models (detection, segmentation) by name, their training recipes, and the entries their runs write.
+"""Task models (detection, segmentation) by name, their training recipes, and their task entries.
 
-A fine-tuned detector or segmenter is described by a task entry (`entry.json` beside its safetensors weights):
-the builder's name and arguments, the backbone it started from, its classes, metrics, recipe and checksums. The
-entry is enough to rebuild the model and load the weights without fetching the backbone again:
+A fine-tuned detector or segmenter is described by a task entry: the builder's name and arguments, the backbone it
+started from, its classes, metrics, recipe and checksummed sources. `snzoo finetune --task` writes one as
+`entry.json` beside the weights, in the manifest's format (its `task_entries` section), so it can join the zoo
+as it is (`--manifest RUN_DIR/entry.json`, or copied into weights_manifest.json). The entry is enough to rebuild
+the model and load the weights without fetching the backbone again:
 
-    model, entry = snzoo.tasks.load_task_model("runs/det/entry.json")
+    model, entry = snzoo.tasks.load_task_model("runs/det")                        # a run directory or entry.json
+    model, entry = snzoo.tasks.load_task_model("fasterrcnn_resnet50_fpn_sn.coco_8x2_step180000it")   # a zoo name
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from snzoo import zoo
 from snzoo.errors import CheckpointError, ModelConfigError, UnknownModelError
 from snzoo.models.registry import unknown_name_message
 
@@ -104,9 +109,10 @@ def default_task_model(task: str, backbone_depth: Optional[int] = None) -> str:
 
 def task_entry(name: str, *, task: str, model: str, model_kwargs: dict, backbone: str, backbone_architecture: str,
                classes: list, weights: dict, metrics: dict, eval_config: dict, recipe: dict, notes: list) -> dict:
-    """The entry of a fine-tuned task model, as `entry.json` holds it: `backbone` is where training started (a
-    zoo entry), `backbone_architecture` what the model is rebuilt from (with model_kwargs' using_bn)."""
-    return {"schema_version": TASK_ENTRY_SCHEMA_VERSION, "entries": {name: {
+    """The entry of a fine-tuned task model as a manifest file holding it alone (`entry.json`): `backbone` is where
+    training started (a zoo entry), `backbone_architecture` what the model is rebuilt from (with model_kwargs'
+    using_bn)."""
+    return {"schema_version": TASK_ENTRY_SCHEMA_VERSION, "entries": {}, "task_entries": {name: {
         "task": task, "model": model, "model_kwargs": model_kwargs, "backbone": backbone,
         "backbone_architecture": backbone_architecture,
         "num_classes": model_kwargs["num_classes"], "classes": classes, "sources": [weights], "metrics": metrics,
@@ -115,25 +121,41 @@ def task_entry(name: str, *, task: str, model: str, model_kwargs: dict, backbone
     }}}
 
 
+def list_task_entries(pattern: str = "*", task: Optional[str] = None) -> list[str]:
+    """Sorted names of the zoo's task entries matching an fnmatch pattern (by name or model), of one task or all."""
+    pattern = pattern.lower()
+    return sorted(n for n, e in zoo.manifest().task_entries.items()
+                  if (task is None or e["task"] == task)
+                  and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(e["model"], pattern)))
+
+
+def get_task_entry(name: str) -> dict:
+    """The zoo's task entry `name` (MODEL.TAG), with its name under "name"."""
+    entries = zoo.manifest().task_entries
+    if name not in entries:
+        raise UnknownModelError(unknown_name_message("task entry", name, entries))
+    return dict(entries[name], name=name)
+
+
 def read_task_entry(path: Union[str, Path]) -> tuple[str, dict, Path]:
-    """(name, entry, folder) of a task entry file, or of the entry.json inside a run directory."""
+    """(name, entry, folder) of a task entry file (a manifest holding one task entry), or of the entry.json inside
+    a run directory; the file is validated as a manifest overlay."""
     path = Path(path)
     if path.is_dir():
         path = path / "entry.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no task entry there; pass a fine-tuning run directory, its entry.json, or "
+                              "the name of a task entry in the zoo")
     try:
         document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no task entry there; pass a fine-tuning run directory or its entry.json") from None
     except ValueError as exc:
         raise CheckpointError(f"{path}: not a JSON task entry ({exc})") from None
-    entries = document.get("entries") if isinstance(document, dict) else None
+    entries = document.get("task_entries") if isinstance(document, dict) else None
     if not isinstance(entries, dict) or len(entries) != 1:
-        raise CheckpointError(f"{path}: a task entry file holds one entry under 'entries'")
-    (name, entry), = entries.items()
-    missing = [k for k in ("task", "model", "model_kwargs", "backbone", "sources") if k not in entry]
-    if missing:
-        raise CheckpointError(f"{path}: entry {name} is not a task model entry (it lacks {', '.join(missing)}); "
-                              "classification entries are evaluated with `snzoo eval NAME` without --task")
+        raise CheckpointError(f"{path}: a task entry file holds one entry under 'task_entries'; classification "
+                              "entries are evaluated with `snzoo eval NAME` without --task")
+    (name,) = entries
+    entry = zoo.load_manifest(overlay=path).task_entries[name]  # the manifest's checks, one line per problem
     return name, entry, path.parent
 
 
@@ -145,18 +167,34 @@ def build_task_model(entry: dict, **overrides: Any) -> nn.Module:
     return builder(backbone=entry.get("backbone_architecture", entry["backbone"]), pretrained_backbone=False, **kwargs)
 
 
-def load_task_model(path: Union[str, Path], **overrides: Any) -> tuple[nn.Module, dict]:
-    """(model with the entry's weights, entry) from a task entry file or run directory; the weights' sha256 is
-    checked against the entry and every key and shape must match."""
-    from snzoo.weights import hash_file, read_state_dict
+def resolve_task_entry(source: Union[str, Path]) -> tuple[str, dict, Optional[Path]]:
+    """(name, entry, folder of its entry file or None) of a run directory, an entry.json, or a zoo task entry name."""
+    if isinstance(source, str) and "." in source and "/" not in source and not Path(source).exists():
+        return source, get_task_entry(source), None
+    return read_task_entry(source)
 
-    name, entry, folder = read_task_entry(path)
+
+def _weights_file(name: str, entry: dict, folder: Optional[Path]) -> Path:
+    """The entry's weights: beside its entry file (a run directory), else fetched into the cache and verified like
+    any zoo weights (mirror, offline rule, checksums)."""
+    from snzoo.weights import fetch_file, hash_file
+
     source = entry["sources"][0]
-    weights = folder / source["file_name"]
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: the weights of {name} are missing; keep them beside entry.json")
-    if source.get("sha256") and hash_file(weights).sha256 != source["sha256"]:
-        raise CheckpointError(f"{weights}: sha256 differs from the entry's; the file was changed or damaged")
+    if folder is not None and (folder / source["file_name"]).is_file():
+        weights = folder / source["file_name"]
+        if source.get("sha256") and hash_file(weights).sha256 != source["sha256"]:
+            raise CheckpointError(f"{weights}: sha256 differs from the entry's; the file was changed or damaged")
+        return weights
+    return fetch_file(zoo.Source(**source), f"the weights of {name}")
+
+
+def load_task_model(source: Union[str, Path], **overrides: Any) -> tuple[nn.Module, dict]:
+    """(model with the entry's weights, entry) from a run directory, its entry.json, or the name of a task entry in
+    the zoo; the weights' checksums are checked against the entry and every key and shape must match."""
+    from snzoo.weights import read_state_dict
+
+    name, entry, folder = resolve_task_entry(source)
+    weights = _weights_file(name, entry, folder)
     model = build_task_model(entry, **overrides)
     state = read_state_dict(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -167,5 +205,8 @@ def load_task_model(path: Union[str, Path], **overrides: Any) -> tuple[nn.Module
     return model.eval(), dict(entry, name=name)
 
 
-__all__ = ["TASKS", "TASK_RECIPES", "build_task_model", "default_task_model", "load_task_model", "read_task_entry",
-           "task_entry", "task_model_builder", "task_models", "task_recipe"]
+__all__ = [
+    "TASKS", "TASK_RECIPES", "build_task_model", "default_task_model", "get_task_entry", "list_task_entries",
+    "load_task_model", "read_task_entry", "resolve_task_entry", "task_entry", "task_model_builder", "task_models",
+    "task_recipe",
+]

@@ -113,6 +113,17 @@ def test_detection_finetune_from_an_entry_then_eval(scenes_root, with_backbone, 
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0].startswith("model,task,dataset,n,box_AP,") and len(rows) == 2
 
+    # entry.json is manifest-ready: as an overlay the run joins the zoo, and its name is enough.
+    name = entry["name"]
+    zoo.set_overlay(run / "entry.json")
+    assert name in invoke(["--manifest", run / "entry.json", "list", "--task", "detection"])
+    by_name, _ = load_task_model(name)  # the weights fetched into the cache and verified like any zoo weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, by_name.state_dict()[key]), key
+    by_name_eval = json.loads(invoke(["--manifest", run / "entry.json", "eval", name, "--task", "detection",
+                                      "--data", scenes_root / "coco", "--json", "-q"]))
+    assert by_name_eval["box"] == pytest.approx(box, abs=1e-9)
+
 
 def test_segmentation_finetune_from_an_entry_then_eval(scenes_root, with_backbone, tmp_path):
     run = tmp_path / "seg"

@@ -81,11 +81,12 @@ def evaluate_task_model(
 ) -> TaskEvalResult:
     """COCO box / mask AP (detection) or mIoU (segmentation) of a fine-tuned task model on `data`'s `split`.
 
-    source: a fine-tuning run directory or its entry.json. The data is opened before the weights are read.
+    source: a fine-tuning run directory, its entry.json, or a task entry of the zoo (MODEL.TAG). The data is opened
+    before the weights are read.
     """
-    from snzoo.tasks import load_task_model, read_task_entry
+    from snzoo.tasks import load_task_model, resolve_task_entry
 
-    name, entry, _ = read_task_entry(source)
+    name, entry, _ = resolve_task_entry(source)
     if task is not None and task != entry["task"]:
         raise DataError(f"{name} is a {entry['task']} model; pass --task {entry['task']}")
     dataset = _dataset(entry["task"], data, split, entry)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,15 +29,18 @@ _MANIFEST_FILE = "weights_manifest.json"
 _SCHEMA_FILE = "manifest.schema.json"
 _ENTRY_FIELDS = ("architecture", "default", "norm", "num_classes", "sources", "metrics", "eval", "recipe",
                  "provenance", "notes")
+_SECTIONS = ("entries", "task_entries")  # classification entries; fine-tuned detectors and segmenters
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest: entries in file order (shipped ones first, then those an overlay adds)."""
+    """A validated manifest: entries in file order (shipped ones first, then those an overlay adds), and the task
+    entries (fine-tuned detectors and segmenters, as snzoo.tasks reads them: validated dicts)."""
 
     entries: dict[str, Entry]
     path: Path
     overlay: Path | None = None
+    task_entries: dict[str, dict] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,8 +103,10 @@ def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None)
     # Remember which file gave each entry and field, so an error names the file the user must edit.
     origins: dict[str, dict[str | None, str]] = {}
     _raise_first(_validator().iter_errors(data), data, origins, label)
-    for name in data["entries"]:
-        origins[name] = {None: label}
+    data.setdefault("task_entries", {})
+    for section in _SECTIONS:
+        for name in data[section]:
+            origins[name] = {None: label}
 
     overlay_path = None
     if overlay is not None:
@@ -109,19 +114,21 @@ def load_manifest(path: PathLike | None = None, overlay: PathLike | None = None)
         ov_label = str(overlay)
         ov = parse_json(read_text(overlay_path, ov_label, "manifest", ManifestError), ov_label, "manifest", ManifestError)
         _raise_first(_overlay_validator().iter_errors(ov), ov, {}, ov_label)
-        for name, fields in ov["entries"].items():
-            if name in data["entries"]:
-                for key, value in fields.items():
-                    data["entries"][name][key] = value
-                    origins[name][key] = ov_label
-            else:
-                data["entries"][name] = fields
-                origins[name] = {None: ov_label}
+        for section in _SECTIONS:
+            for name, fields in ov.get(section, {}).items():
+                if name in data[section]:
+                    for key, value in fields.items():
+                        data[section][name][key] = value
+                        origins[name][key] = ov_label
+                else:
+                    data[section][name] = fields
+                    origins[name] = {None: ov_label}
         _raise_first(_validator().iter_errors(data), data, origins, label)
 
     _check_semantics(data["entries"], origins)
+    _check_task_semantics(data["task_entries"], origins)
     entries = {name: Entry.from_dict(name, raw) for name, raw in data["entries"].items()}
-    return Manifest(entries=entries, path=base_path, overlay=overlay_path)
+    return Manifest(entries=entries, path=base_path, overlay=overlay_path, task_entries=dict(data["task_entries"]))
 
 
 # --------------------------------------------------------------------------------------------- schema
@@ -161,6 +168,15 @@ def _overlay_validator() -> jsonschema.Draft202012Validator:
                         "additionalProperties": False,
                     },
                 },
+                "task_entries": {
+                    "type": "object",
+                    "propertyNames": schema["properties"]["task_entries"]["propertyNames"],
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {k: True for k in schema["$defs"]["task_entry"]["properties"]},
+                        "additionalProperties": False,
+                    },
+                },
             },
         })
     return _validators["overlay"]
@@ -168,7 +184,7 @@ def _overlay_validator() -> jsonschema.Draft202012Validator:
 
 def _where(path: list[Any], origins: Mapping[str, Mapping[str | None, str]], label: str) -> tuple[str, str]:
     """The file to blame and the 'entry ..., field ...' words for a path into the manifest."""
-    if len(path) >= 2 and path[0] == "entries":
+    if len(path) >= 2 and path[0] in _SECTIONS:
         name, rest = path[1], path[2:]
         files = origins.get(name, {})
         blamed = files.get(rest[0] if rest else None, files.get(None, label))
@@ -184,7 +200,7 @@ def _message(error: jsonschema.ValidationError, origins: Mapping[str, Mapping[st
     v = error.validator
     if "propertyNames" in error.absolute_schema_path:
         # A key (not a value) is wrong; error.instance is the key itself.
-        if path == ["entries"]:
+        if len(path) == 1 and path[0] in _SECTIONS:
             return f"{label}: entry name {show(error.instance)} is not valid (expected {expected(error)})"
         blamed, where = _where(path, origins, label)
         return f"{blamed}: {where}: key {show(error.instance)} is not valid (expected {expected(error)})"
@@ -274,3 +290,27 @@ def _check_semantics(entries: Mapping[str, Any], origins: Mapping[str, Mapping[s
         if arch not in defaults:
             fail(name, ["default"],
                  f"architecture {arch!r} has no default entry (set \"default\": true on exactly one of its entries)")
+
+
+def _check_task_semantics(entries: Mapping[str, Any], origins: Mapping[str, Mapping[str | None, str]]) -> None:
+    """What the schema cannot say about task entries (the builder's name itself is checked where it is built,
+    by snzoo.tasks, which the zoo does not import)."""
+    def fail(name: str, field_parts: list[Any], problem: str) -> None:
+        blamed, where = _where(["task_entries", name, *field_parts], origins, "")
+        raise ManifestError(f"{blamed}: {where}: {problem}")
+
+    for name, raw in entries.items():
+        prefix = name.split(".", 1)[0]
+        if raw["model"] != prefix:
+            fail(name, ["model"], f"{show(raw['model'])} is not valid (expected {prefix!r}, the part of the entry "
+                                  "name before the dot)")
+        if raw["backbone_architecture"] not in ARCHITECTURES:
+            fail(name, ["backbone_architecture"],
+                 unknown_name_message("architecture", raw["backbone_architecture"], ARCHITECTURES))
+        if raw["model_kwargs"]["num_classes"] != raw["num_classes"]:
+            fail(name, ["model_kwargs", "num_classes"],
+                 f"{raw['model_kwargs']['num_classes']} is not valid (expected {raw['num_classes']}, num_classes)")
+        for i, source in enumerate(raw["sources"]):
+            if _bad_file_name(source["file_name"]):
+                fail(name, ["sources", i, "file_name"],
+                     f"{show(source['file_name'])} is not valid (expected a plain file name)")
