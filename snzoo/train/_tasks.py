@@ -42,7 +42,47 @@ class Validation:
     line: str
 
 
-class ClassificationTask:
+class Task:
+    """A task's part of training; the defaults hold for batches of image tensors with tensor targets."""
+
+    name = ""
+
+    def build_data(self, cfg) -> TrainData:
+        """The run's data sets (a TrainData), from cfg.data."""
+        raise NotImplementedError
+
+    def build_model(self, cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
+        """The run's model, with its pretrained weights where the run starts from some."""
+        raise NotImplementedError
+
+    def ghost_scope(self, model: nn.Module) -> nn.Module:
+        """The part of the model whose batch dimension is the images (where ghost batches emulate devices)."""
+        return model
+
+    def to_device(self, inputs, targets, device: torch.device, memory_format: torch.memory_format):
+        """A loader batch on the run's device."""
+        return (inputs.to(device, non_blocking=True, memory_format=memory_format),
+                targets.to(device, non_blocking=True))
+
+    def split(self, inputs, targets, parts: int) -> list:
+        """A step's batch as `parts` micro-batches of whole devices."""
+        return list(zip(_split(inputs, parts), _split(targets, parts)))
+
+    def loss(self, net: nn.Module, inputs, targets, recipe: dict) -> torch.Tensor:
+        """The micro-batch's loss."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, data: TrainData, batch_size: int, workers: int,
+                 device: torch.device) -> Validation:
+        """Metrics of the model on data.val (rank 0, at epoch ends)."""
+        raise NotImplementedError
+
+    def export(self, run_dir: Path, model: nn.Module, cfg, data: TrainData, val_metrics: dict) -> dict:
+        """The run's weights and entry, written to run_dir."""
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
     """Images and class labels; cross entropy; top-1 / top-5."""
 
     name = "classification"
@@ -54,16 +94,6 @@ class ClassificationTask:
 
     def build_model(self, cfg, num_classes: int, log: Callable[[str], None]) -> nn.Module:
         return build_run_model(cfg, num_classes, log)
-
-    def ghost_scope(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def to_device(self, inputs, targets, device: torch.device, memory_format: torch.memory_format):
-        return (inputs.to(device, non_blocking=True, memory_format=memory_format),
-                targets.to(device, non_blocking=True))
-
-    def split(self, inputs, targets, parts: int) -> list:
-        return list(zip(_split(inputs, parts), _split(targets, parts)))
 
     def loss(self, net: nn.Module, inputs, targets, recipe: dict) -> torch.Tensor:
         return F.cross_entropy(net(inputs), targets, label_smoothing=recipe.get("label_smoothing", 0.0))
@@ -80,7 +110,7 @@ class ClassificationTask:
         return export_run(run_dir, model, cfg, data, val_metrics)
 
 
-class _TaskModelTask(ClassificationTask):
+class _TaskModelTask(Task):
     """Shared by detection and segmentation: a task model built on a backbone entry, exported as a task entry."""
 
     def backbone_source(self, cfg) -> tuple[str, Optional[str]]:
@@ -250,7 +280,7 @@ class SegmentationTask(_TaskModelTask):
 TASK_ADAPTERS = {t.name: t for t in (ClassificationTask(), DetectionTask(), SegmentationTask())}
 
 
-def task_adapter(name: str) -> ClassificationTask:
+def task_adapter(name: str) -> Task:
     """The training adapter of a task name."""
     if name not in TASK_ADAPTERS:
         raise TrainingError(f"unknown task {name!r}; expected one of {', '.join(TASK_ADAPTERS)}")

@@ -32,7 +32,7 @@ from snzoo.nn import (
 )
 from snzoo.nn.batch_average import batch_average_layers
 from snzoo.train._loss_window import LossWindow
-from snzoo.train._tasks import ClassificationTask, task_adapter
+from snzoo.train._tasks import Task, task_adapter
 from snzoo.train.data import TrainData
 from snzoo.train.distributed import (
     DistInfo,
@@ -93,7 +93,7 @@ class _Run:
     device: torch.device
     memory_format: torch.memory_format
     workers: int
-    task: ClassificationTask
+    task: Task
     epochs: int  # the recipe's, or enough for its `iterations`
     last_step: Optional[int]  # the recipe's `iterations`, where it counts them
     step: int = 0
