@@ -61,6 +61,25 @@ def _list_task_entries(pattern: str, task: str, as_json: bool) -> None:
         click.echo(f"{row['name']:<50} from {row['backbone']}")
 
 
+def _task_info(name: str, as_json: bool) -> None:
+    from snzoo.tasks import get_task_entry
+
+    entry = get_task_entry(name)
+    if as_json:
+        echo_json(entry)
+        return
+    click.echo(name)
+    click.echo(f"  task          {entry['task']}: {entry['model']} ({json.dumps(entry['model_kwargs'], sort_keys=True)})")
+    click.echo(f"  backbone      {entry['backbone']} ({entry['backbone_architecture']})")
+    click.echo(f"  classes       {entry['num_classes']}: {', '.join(entry['classes'])}")
+    for dataset, metrics in entry["metrics"].items():
+        click.echo(f"  metrics       {dataset}: {json.dumps(metrics, sort_keys=True)}")
+    for i, source in enumerate(entry["sources"], 1):
+        click.echo(f"  source {i}      {source['url']} ({source['kind']}, {source['file_name']}; sha256 {source['sha256']})")
+    for note in entry.get("notes", []):
+        click.echo(f"  note          {note}")
+
+
 def _num(value) -> str:
     return "  -  " if value is None else f"{value:5.2f}"
 
@@ -69,7 +88,10 @@ def _num(value) -> str:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_command(name: str, as_json: bool) -> None:
-    """Describe an architecture or zoo entry: parameters, sources, checksums, metrics, eval config, recipe."""
+    """Describe an architecture or zoo entry (or task entry): parameters, sources, checksums, metrics, eval config,
+    recipe."""
+    if name in snzoo.zoo.manifest().task_entries:
+        return _task_info(name, as_json)
     info = describe(name)
     if as_json:
         echo_json(info)

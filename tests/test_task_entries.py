@@ -77,3 +77,18 @@ def test_a_classification_entry_file_is_not_a_task_entry(tmp_path):
         read_task_entry(path)
     with pytest.raises(CheckpointError, match="no task entry there"):
         read_task_entry(tmp_path / "missing")
+
+
+def test_info_and_list_show_a_task_entry(tmp_path):
+    from click.testing import CliRunner
+
+    from snzoo_cli.main import cli
+
+    path = overlay(tmp_path, {NAME: task_entry()})
+    listed = CliRunner().invoke(cli, ["--manifest", str(path), "list", "--task", "detection", "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout)[0]["name"] == NAME
+    shown = CliRunner().invoke(cli, ["--manifest", str(path), "info", NAME])
+    assert shown.exit_code == 0, shown.output
+    assert "detection: fasterrcnn_resnet_fpn_sn" in shown.stdout and "resnet18v1_sn.scenes_1x8_test" in shown.stdout
+    as_json = CliRunner().invoke(cli, ["--manifest", str(path), "info", NAME, "--json"])
+    assert json.loads(as_json.stdout)["backbone_architecture"] == "resnet18v1_sn"
