@@ -82,14 +82,16 @@ def train_command(name, recipe_file, batch, lr, init, **kw) -> None:
 @click.option("--lr", type=float, help="Peak learning rate at that batch (default: 0.01, cosine to 0; the task "
               "recipe's lr scaled to the batch for detection / segmentation).")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new head (default: the data's).")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), help="Start from this checkpoint file instead of "
+              "the entry's weights (NAME, an entry or architecture, says what it holds).")
 @click.option("--freeze", multiple=True, help="Freeze a module and its statistics: conv1, sn1, layer1, ... (repeatable).")
 @click.option("--reset-importance", is_flag=True, help="Start the SN importance weights from uniform again.")
 @click.option("--reopen-ssn", is_flag=True, help="Re-open fixed one-hot Sparse SN importance weights so they can move again.")
 @click.option("--drop-bn/--keep-bn", default=None, help="Drop the SN BN term (default: drop at per-device batch 1).")
 @click.option("--no-norm-decay", is_flag=True, help="No weight decay on norm and importance weights (detection style).")
 @run_options
-def finetune_command(name, task, task_model, batch, lr, num_classes, freeze, reset_importance, reopen_ssn, drop_bn,
-                     no_norm_decay, **kw) -> None:
+def finetune_command(name, task, task_model, batch, lr, num_classes, init, freeze, reset_importance, reopen_ssn,
+                     drop_bn, no_norm_decay, **kw) -> None:
     """Fine-tune pretrained entry NAME on --data: a new classifier for its classes, or (--task) a detector or
     segmenter on its backbone."""
     from snzoo.train import finetune
@@ -101,7 +103,7 @@ def finetune_command(name, task, task_model, batch, lr, num_classes, freeze, res
     summary = finetune(name, kw["data"], Path(kw["output"]), task=task, model=task_model, epochs=epochs, batch=batch, lr=lr,
                        norm_decay=not no_norm_decay, overrides=kw["overrides"], num_classes=num_classes,
                        freeze=tuple(freeze), reset_importance=reset_importance, reopen_ssn=reopen_ssn,
-                       drop_bn=drop_bn, **_config(kw))
+                       drop_bn=drop_bn, init=init, **_config(kw))
     _report(summary, kw["as_json"])
 
 

@@ -231,3 +231,15 @@ def test_detection_resume_equals_an_uninterrupted_run_and_plots(scenes_root, wit
         assert torch.equal(whole[key], parts[key]), key
     plots = invoke(["plot", tmp_path / "whole"])
     assert (tmp_path / "whole" / "plots" / "box_AP.png").is_file() and "box_AP.png" in plots
+
+
+def test_task_finetune_from_a_checkpoint_file(scenes_root, backbone_overlay, tmp_path):
+    """--init FILE: an architecture without zoo weights, its weights from a file the user holds."""
+    overlay, state = backbone_overlay
+    checkpoint = overlay.parent / "backbone.safetensors"
+    invoke(["finetune", "resnet18v1_sn", "--task", "detection", "--init", checkpoint, "--data", scenes_root / "coco",
+            "-o", tmp_path / "run", "--batch", "1x2", "--set", "iterations=2", "--val-subset", "1", "-j", "0",
+            *DETECTION_SETTINGS])
+    model, entry = load_task_model(tmp_path / "run")
+    assert entry["backbone"] == "resnet18v1_sn" and "weights" in entry["notes"][0]
+    assert torch.equal(model.backbone.body.conv1.weight, state["conv1.weight"])  # frozen: still the file's

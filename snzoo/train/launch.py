@@ -107,7 +107,8 @@ def finetune(
     classification: a new head for the data's classes, the rest from the entry (cosine from `lr`, `epochs` long).
     detection / segmentation: the task model `model` (default: Faster R-CNN R-50-FPN SN, DeepLabV3 SN) on the
     entry's backbone, with the task's recipe (snzoo.tasks.TASK_RECIPES); `batch`, `lr` (the peak lr at that batch)
-    and `epochs` replace the recipe's where given.
+    and `epochs` replace the recipe's where given. `init=FILE` (in options) starts from that checkpoint instead of
+    the entry's weights; `name` (an entry, or an architecture) says what the file holds.
     """
     if batch is not None:
         _batch_override(batch)
