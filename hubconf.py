@@ -10,6 +10,7 @@ dependencies = ["torch", "torchvision", "safetensors", "jsonschema"]
 import snzoo as _snzoo
 from snzoo import zoo as _zoo
 from snzoo.models import get_architecture as _get_architecture
+from snzoo.tasks import task_models as _task_models
 
 
 def _docstring(arch: str) -> str:
@@ -49,13 +50,7 @@ for _arch in _snzoo.list_models():
     globals()[_arch] = _entry_point(_arch)
 
 
-def _task_models() -> dict:
-    from snzoo.detection import DETECTION_MODELS
-    from snzoo.segmentation import SEGMENTATION_MODELS
-
-    return {**DETECTION_MODELS, **SEGMENTATION_MODELS}
-
-
 # The task builders as they are: their docstrings say what mirrors the original configs.
-for _name, _builder in _task_models().items():
-    globals()[_name] = _builder
+for _task in ("detection", "segmentation"):
+    for _name, _builder in _task_models(_task).items():
+        globals()[_name] = _builder

@@ -54,6 +54,16 @@ def _entry_of(name: str) -> Optional[Entry]:
     return get_entry(name) if "." in name else manifest().default_entry(name)
 
 
+def check_backbone_depth(builder: str, backbone: str, depth: int, task: str, generic: str) -> None:
+    """Raise ModelConfigError unless `backbone` is a ResNet of `depth` (the builders named after one depth)."""
+    found = backbone_spec(backbone, task).depth
+    if found != depth:
+        raise ModelConfigError(
+            f"{builder} needs a ResNet-{depth} backbone, but {backbone!r} is a ResNet-{found}; pass a depth-{depth} "
+            f"entry or architecture, or use {generic} for other depths"
+        )
+
+
 def build_trunk(
     name: str,
     pretrained: bool,

@@ -177,15 +177,14 @@ def resolve_task_entry(source: Union[str, Path]) -> tuple[str, dict, Optional[Pa
 def _weights_file(name: str, entry: dict, folder: Optional[Path]) -> Path:
     """The entry's weights: beside its entry file (a run directory), else fetched into the cache and verified like
     any zoo weights (mirror, offline rule, checksums)."""
-    from snzoo.weights import fetch_file, hash_file
+    from snzoo.weights import check_digests, fetch_file, hash_file
 
-    source = entry["sources"][0]
-    if folder is not None and (folder / source["file_name"]).is_file():
-        weights = folder / source["file_name"]
-        if source.get("sha256") and hash_file(weights).sha256 != source["sha256"]:
-            raise CheckpointError(f"{weights}: sha256 differs from the entry's; the file was changed or damaged")
+    source = zoo.Source(**entry["sources"][0])
+    if folder is not None and (folder / source.file_name).is_file():
+        weights = folder / source.file_name
+        check_digests(hash_file(weights), source, f"the weights of {name}, {weights}")
         return weights
-    return fetch_file(zoo.Source(**source), f"the weights of {name}")
+    return fetch_file(source, f"the weights of {name}")
 
 
 def load_task_model(source: Union[str, Path], **overrides: Any) -> tuple[nn.Module, dict]:

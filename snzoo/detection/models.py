@@ -9,9 +9,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from snzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from snzoo.detection import _heads
-from snzoo._task_trunk import backbone_spec, check_trainable_layers
+from snzoo._task_trunk import check_backbone_depth
 from snzoo.detection.backbone import SNResNetFPN, sn_resnet_fpn_backbone
-from snzoo.errors import ModelConfigError
 
 FASTER_BACKBONE = "resnet50v1_sn.in1k_8x2_detectron"
 MASK_BACKBONE = "resnet50v1_sn.in1k_8x1_detectron"
@@ -28,7 +27,6 @@ def _defaults(backbone: SNResNetFPN) -> dict[str, Any]:
 def _build(with_masks: bool, num_classes: int, backbone: str, pretrained_backbone: bool, trainable_layers: int,
            using_bn: Optional[bool], box_head: str, backbone_checkpoint: CheckpointPath, kwargs: dict):
     _heads.resolve_box_head(box_head, with_masks, True)  # bad names fail before a backbone is built
-    check_trainable_layers(trainable_layers)
     fpn = sn_resnet_fpn_backbone(backbone, pretrained_backbone, trainable_layers, using_bn, backbone_checkpoint)
     head = _heads.resolve_box_head(box_head, with_masks, fpn.using_bn)
     options = {**_defaults(fpn), "box_roi_pool": _heads.box_roi_pool(),
@@ -39,15 +37,6 @@ def _build(with_masks: bool, num_classes: int, backbone: str, pretrained_backbon
     model = (MaskRCNN if with_masks else FasterRCNN)(fpn, num_classes=num_classes, **options)
     model.box_head_kind = head
     return model
-
-
-def _check_depth_50(builder: str, backbone: str) -> None:
-    depth = backbone_spec(backbone, "detection").depth
-    if depth != 50:
-        raise ModelConfigError(
-            f"{builder} takes a depth-50 backbone, and {backbone!r} has depth {depth}; use "
-            f"{builder.replace('resnet50', 'resnet')} for other depths"
-        )
 
 
 def fasterrcnn_resnet_fpn_sn(
@@ -111,7 +100,7 @@ def fasterrcnn_resnet50_fpn_sn(
     Faster R-CNN R-50-FPN SN (8,2) config (39.10 box AP on COCO, 2x schedule); backbone=
     "resnet50v1_sn.in1k_8x1_detectron" gives the (8,1) config (SN without BN, conv box head; 38.99).
     """
-    _check_depth_50("fasterrcnn_resnet50_fpn_sn", backbone)
+    check_backbone_depth("fasterrcnn_resnet50_fpn_sn", backbone, 50, "detection", "fasterrcnn_resnet_fpn_sn")
     return fasterrcnn_resnet_fpn_sn(num_classes, backbone, pretrained_backbone, trainable_layers, using_bn,
                                     box_head, backbone_checkpoint, **kwargs)
 
@@ -131,7 +120,7 @@ def maskrcnn_resnet50_fpn_sn(
     The default, the detection release's ResNet50v1+SN(8,1) backbone (SN without BN everywhere, conv box and
     mask heads with SN), is its Mask R-CNN R-50-FPN SN (8,1) config (41.01 box AP / 36.12 mask AP on COCO).
     """
-    _check_depth_50("maskrcnn_resnet50_fpn_sn", backbone)
+    check_backbone_depth("maskrcnn_resnet50_fpn_sn", backbone, 50, "detection", "maskrcnn_resnet_fpn_sn")
     return maskrcnn_resnet_fpn_sn(num_classes, backbone, pretrained_backbone, trainable_layers, using_bn,
                                   box_head, backbone_checkpoint, **kwargs)
 

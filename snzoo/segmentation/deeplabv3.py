@@ -15,7 +15,7 @@ from torchvision.models.segmentation import DeepLabV3
 
 from snzoo.errors import ModelConfigError
 from snzoo.nn import switchnorm_layers
-from snzoo._task_trunk import backbone_spec, check_trainable_layers, freeze_stages
+from snzoo._task_trunk import check_backbone_depth, check_trainable_layers, freeze_stages
 from snzoo.segmentation._backbone import DeepLabBackbone, build_trunk, check_output_stride
 from snzoo.segmentation._heads import sn_deeplab_head, sn_fcn_head
 
@@ -69,15 +69,6 @@ def deeplabv3_resnet_sn(
     return model
 
 
-def _check_depth(builder: str, backbone: str, depth: int) -> None:
-    spec = backbone_spec(backbone, "segmentation")
-    if spec.depth != depth:
-        raise ModelConfigError(
-            f"{builder} needs a ResNet-{depth} backbone, but {backbone!r} is a ResNet-{spec.depth}; pass a "
-            f"resnet{depth} entry or use deeplabv3_resnet_sn for other depths"
-        )
-
-
 def deeplabv3_resnet50_sn(
     num_classes: int = 21,
     backbone: str = "resnet50v1_sn",
@@ -91,7 +82,7 @@ def deeplabv3_resnet50_sn(
     """DeepLabV3 on an SN ResNet-50 (v1, v2 or SSN; the default entry of resnet50v1_sn unless `backbone` names
     another), output stride 8 and the (12, 24, 36) ASPP by default, as torchvision's deeplabv3_resnet50. The
     arguments are deeplabv3_resnet_sn's; a backbone of another depth is an error."""
-    _check_depth("deeplabv3_resnet50_sn", backbone, 50)
+    check_backbone_depth("deeplabv3_resnet50_sn", backbone, 50, "segmentation", "deeplabv3_resnet_sn")
     return deeplabv3_resnet_sn(num_classes, backbone, pretrained_backbone, output_stride, using_bn,
                                trainable_layers, aux_loss, backbone_checkpoint)
 
@@ -108,7 +99,7 @@ def deeplabv3_resnet101_sn(
 ) -> DeepLabV3:
     """DeepLabV3 on an SN ResNet-101 (v1 or v2; the default entry of resnet101v1_sn unless `backbone` names
     another). The arguments are deeplabv3_resnet_sn's; a backbone of another depth is an error."""
-    _check_depth("deeplabv3_resnet101_sn", backbone, 101)
+    check_backbone_depth("deeplabv3_resnet101_sn", backbone, 101, "segmentation", "deeplabv3_resnet_sn")
     return deeplabv3_resnet_sn(num_classes, backbone, pretrained_backbone, output_stride, using_bn,
                                trainable_layers, aux_loss, backbone_checkpoint)
 

@@ -19,7 +19,7 @@ from snzoo.errors import DataError, TrainingError, UnknownModelError
 from snzoo.eval.engine import evaluate
 from snzoo.nn import switchnorm_layers
 from snzoo.train._model import build_run_model, input_format
-from snzoo.train._run_entry import check_entry_name, export_run, export_task_run
+from snzoo.train._run_entry import export_run, export_task_run
 from snzoo.train.data import TrainData, build_train_data
 from snzoo.weights import names_a_file
 
@@ -154,8 +154,6 @@ class _TaskModelTask(Task):
 
     def export(self, run_dir: Path, model: nn.Module, cfg, data: TrainData, val_metrics: dict) -> dict:
         backbone, _ = self.backbone_source(cfg)
-        if cfg.entry_name is not None:
-            check_entry_name(cfg.entry_name)
         kwargs = self.model_kwargs(cfg, data.num_classes)
         # Recorded as built, so the entry rebuilds the model from the backbone's architecture alone.
         kwargs["using_bn"] = any(layer.using_bn for layer in switchnorm_layers(model))
