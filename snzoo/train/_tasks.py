@@ -20,7 +20,7 @@ from snzoo.eval.engine import evaluate
 from snzoo.nn import switchnorm_layers
 from snzoo.train._model import build_run_model, input_format
 from snzoo.train._run_entry import export_run, export_task_run
-from snzoo.train.data import TrainData, build_train_data
+from snzoo.train.data import TrainData, _first, build_train_data
 from snzoo.weights import names_a_file
 
 
@@ -159,12 +159,6 @@ class _TaskModelTask(Task):
         kwargs["using_bn"] = any(layer.using_bn for layer in switchnorm_layers(model))
         return export_task_run(run_dir, model, cfg, data, val_metrics, task=self.name, backbone=backbone,
                                model_kwargs=kwargs)
-
-
-def _first(dataset, count: Optional[int]):
-    from torch.utils.data import Subset
-
-    return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
 
 
 def _check_folder(data: str, what: str) -> Path:
