@@ -3,9 +3,9 @@
 Cells: ResNet-50 v1 at batch 1, 8 and 32 (224x224), resnet20 (Fashion-MNIST, 1x28x28) at batch 8, 32 and 128,
 ResNet-101 v2 and resnet50v1_ssn (Sparse SN, against ResNet-50's BN) at batch 8; each in eval (one forward without
 gradients) and train (forward, backward, SGD step), float32 and bfloat16 autocast, NCHW and channels_last. The SN
-and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating); the ratio of the
-fastest rounds ("best": load only ever adds time) and of the medians are reported, and per model the peak
-training memory (a fresh process per model, precision; NCHW) as SN / BN.
+and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating; a round of a small
+model averages as many calls as take about 0.1 s); the ratio of the fastest rounds ("best": load only ever adds
+time) and of the medians are reported, and per model the peak training memory (a fresh process per model, precision; NCHW) as SN / BN.
 
     .venv/bin/python benchmarks/sn_speed.py --grid [--rounds 5] [--device cuda] [--compile] [--no-memory]
         [--cells resnet20] [--csv results/sn_grid_cpu.csv]
@@ -111,6 +111,13 @@ class Runner:
                                 self._sync)
 
 
+ROUND_SECONDS = 0.1
+
+
+def _step(runner: Runner, mode: str) -> float:
+    return runner.train_step() if mode == "train" else runner.eval_forward()
+
+
 def time_cell(model: Model, precision: str, layout: str, rounds: int, warmup: int, device: torch.device,
               compile_model: bool = False) -> list[dict]:
     """The eval and train rows of one cell: SN and BN interleaved, best-of and median ratios."""
@@ -119,14 +126,15 @@ def time_cell(model: Model, precision: str, layout: str, rounds: int, warmup: in
     rows = []
     for mode in ("eval", "train"):
         times = {"bn": [], "sn": []}
-        for _ in range(warmup):
-            for runner in runners.values():
-                getattr(runner, f"{mode}_step" if mode == "train" else "eval_forward")()
+        warm = {kind: [_step(runner, mode) for _ in range(warmup)] for kind, runner in runners.items()}
+        # A round is one call on big models and as many calls as fill about ROUND_SECONDS on small ones (resnet20's
+        # forward takes a few milliseconds, in which this machine's noise is as large as the difference measured);
+        # both models of a cell make the same number of calls.
+        calls = max(1, round(ROUND_SECONDS / max(min(warm["bn"] or [ROUND_SECONDS]), 1e-6)))
         for r in range(rounds):
             order = ("bn", "sn") if r % 2 == 0 else ("sn", "bn")
             for kind in order:
-                runner = runners[kind]
-                times[kind].append(runner.train_step() if mode == "train" else runner.eval_forward())
+                times[kind].append(sum(_step(runners[kind], mode) for _ in range(calls)) / calls)
         rows.append({
             "model": model.label, "sn_model": model.sn, "bn_model": model.bn, "batch": model.batch,
             "size": model.size, "precision": precision, "layout": layout, "mode": mode,
@@ -241,16 +249,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (--grid)")
     parser.add_argument("--cells", default="", help="only models whose label contains this text (--grid)")
     parser.add_argument("--csv", help="where the grid's CSV goes (default results/sn_grid_{device}.csv)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time with glibc's default malloc settings (--grid on the CPU)")
     parser.add_argument("--grid-memory-probe", help=argparse.SUPPRESS)
+
+
+# The timing process keeps freed memory in glibc's heap: every fresh big tensor would otherwise be new pages from the
+# kernel, whose faults took a third of resnet20's forward at batch 128 on this project's VM and varied by +-20%
+# between runs. Both models of a cell pay them alike, so they pull ratios towards 1 and hide SN's cost; --system-malloc
+# measures with glibc's defaults. (The memory probes pin their own settings.)
+TIMING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def _timing_allocator(args: argparse.Namespace) -> str:
+    """Re-run this process with TIMING_MALLOC on the CPU (unless --system-malloc); what the header says of it."""
+    if args.device != "cpu" or args.system_malloc:
+        return "glibc malloc defaults"
+    if any(os.environ.get(k) != v for k, v in TIMING_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TIMING_MALLOC})
+    return "glibc malloc without mmap / trim of freed memory (--system-malloc: defaults)"
 
 
 def main(args: argparse.Namespace) -> None:
     """Run the grid for `benchmarks/sn_speed.py --grid`."""
+    allocator = _timing_allocator(args)
     device = torch.device(args.device)
     models = GPU_MODELS if device.type == "cuda" else MODELS
     models = [m for m in models if args.cells.lower() in m.label.lower()]
     print(f"# SN / BN grid on {args.device}{' (torch.compile)' if args.compile else ''}: {environment(device)}")
-    print(f"# {args.rounds} interleaved rounds per cell after {args.warmup} warm-up; ratios of the fastest rounds")
+    print(f"# {args.rounds} interleaved rounds per cell after {args.warmup} warm-up; ratios of the fastest rounds; "
+          f"{allocator}")
     rows = []
     for model in models:
         for precision, layout in SETTINGS:

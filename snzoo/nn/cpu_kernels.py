@@ -32,7 +32,7 @@ from torch import Tensor
 from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
-HEADERS = ("sn_grad_passes.h", "sn_mixing.h", "sn_passes.h")  # next to SOURCE; part of the build's name
+HEADERS = ("sn_grad_passes.h", "sn_mixing.h", "sn_moments.h", "sn_passes.h", "sn_row_moments.h")  # next to SOURCE; part of the build's name
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
@@ -279,15 +279,15 @@ def switch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var
     the statistics, the mixing, the output and, in training with a BN term, the running buffers' update (in place).
     slots: `term_slots(terms)`; group: the samples of one BN statistics group (a ghost batch, else N). In eval a BN
     term takes the running buffers. Call `available()` first."""
-    return torch.ops.snzoo.switch_norm(x, weight, bias, mean_probs, var_probs, slots, group, running_mean,
-                                       running_var, training, momentum, using_moving_average, eps)
+    return torch.ops.snzoo.switch_norm.default(x, weight, bias, mean_probs, var_probs, slots, group, running_mean,
+                                               running_var, training, momentum, using_moving_average, eps)
 
 
 def fits(x: Tensor) -> bool:
     """True when the kernel's full-size passes take x as it is: CPU, a floating dtype it reads natively, dense as
     (N, C, L) or channels-innermost (N, L, C), at least 2 values per (sample, channel)."""
     # Runs once per SN layer call: the cheapest tests first, and no movedim view for the usual layouts.
-    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
         return False
     dims = x.dim()
     if dims < 3:
@@ -302,7 +302,7 @@ def fits(x: Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
-_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 

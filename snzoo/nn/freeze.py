@@ -35,7 +35,7 @@ class _FrozenLayer:
         """The frozen version of `layer`, sharing its tensors and submodules (`layer` itself is not changed)."""
         frozen = cls.__new__(cls)
         for key, value in layer.__dict__.items():
-            if key in ("_probs_cache", "_eval_weights", "norm_eval"):
+            if key in ("_probs_cache", "_eval_weights", "_kernel_args", "norm_eval"):
                 continue
             frozen.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
         frozen._parameters_to_buffers()

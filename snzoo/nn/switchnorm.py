@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from snzoo.nn import cpu_kernels
 from snzoo.nn import functional as F_sn
+from snzoo.nn._eval_call import kernel_eval
 from snzoo.nn._checks import check_sync_or_ghost, ghost_group_size, resolve_process_group
 
 
@@ -36,6 +37,9 @@ class _SwitchNorm(nn.Module):
     input_dims: tuple[int, ...] = ()
     param_dims: int = 4  # weight / bias shape (1, C, 1, 1)
     norm_eval: bool = False  # snzoo.nn.set_norm_eval; a class default, so layers unpickled from older code have it
+    # What the kernel's operator reads (by name), and which of those the importance weights derive from.
+    kernel_inputs: tuple[str, ...] = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var")
+    importance_inputs: tuple[str, ...] = ("mean_weight", "var_weight")
 
     def __init__(
         self,
@@ -140,7 +144,16 @@ class _SwitchNorm(nn.Module):
                 f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels in input of shape {tuple(x.shape)}"
             )
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) and the like change tensors in place of the same objects at the same versions.
+        self.__dict__.pop("_kernel_args", None)
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
+        if not (self.training or torch.is_grad_enabled()):
+            y = kernel_eval(self, x)
+            if y is not None:
+                return y
         self._check_input(x)
         group = self._sync_group()
         if x.shape[0] == 0 and (group is None or not self.training):

@@ -4,7 +4,7 @@
 
 #pragma once
 
-#include "sn_passes.h"
+#include "sn_row_moments.h"
 
 namespace snzoo_cpu {
 

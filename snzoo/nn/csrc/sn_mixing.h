@@ -5,7 +5,7 @@
 
 #pragma once
 
-#include "sn_passes.h"
+#include "sn_moments.h"
 
 #include <ATen/core/grad_mode.h>
 
@@ -69,26 +69,29 @@ struct Mixing {
 // The statistics every term derives from the IN statistics, (N, C) mixtures included.
 struct Statistics {
   std::vector<double> mean_ln, var_ln;  // (N)
-  std::vector<double> mean_bn, var_bn;  // (G, C): each group's in training, the running buffers in eval
+  std::vector<double> mean_bn, var_bn;  // (G, C): each group's, in training (eval reads the running buffers)
   std::vector<double> mu, sigma2;       // (N, C)
 
   double mean_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* mean_in) const {
     if (slot == kIn) return mean_in[n * m.c + c];
     if (slot == kLn) return mean_ln[n];
-    return mean_bn[bn_row(m, n) * m.c + c];
+    return bn_mean(m)[bn_row(m, n) * m.c + c];
   }
   double var_of(const Mixing& m, int64_t slot, int64_t n, int64_t c, const double* var_in) const {
     if (slot == kIn) return var_in[n * m.c + c];
     if (slot == kLn) return var_ln[n];
-    return var_bn[bn_row(m, n) * m.c + c];
+    return bn_var(m)[bn_row(m, n) * m.c + c];
   }
+  // The BN statistics: the groups' in training, the running buffers (held by the Mixing) in eval.
+  const double* bn_mean(const Mixing& m) const { return m.training ? mean_bn.data() : m.running_mean.data(); }
+  const double* bn_var(const Mixing& m) const { return m.training ? var_bn.data() : m.running_var.data(); }
   static int64_t bn_row(const Mixing& m, int64_t n) { return m.training ? n / m.group : 0; }
 };
 
 // Pooled statistics in the cancellation-free form mean(var) + mean((mean - pooled mean)^2).
-inline Statistics statistics(const Mixing& m, const double* mean_in, const double* var_in) {
+// Into `s`, whose vectors keep their capacity: a caller that takes sample after sample allocates once.
+inline void fill_statistics(const Mixing& m, const double* mean_in, const double* var_in, Statistics& s) {
   const int64_t n = m.n, c = m.c;
-  Statistics s;
   if (m.has_ln) {
     s.mean_ln.assign(n, 0);
     s.var_ln.assign(n, 0);
@@ -120,9 +123,6 @@ inline Statistics statistics(const Mixing& m, const double* mean_in, const doubl
         }
       for (int64_t j = 0; j < c; ++j) vb[j] /= double(k);
     }
-  } else if (m.has_bn) {
-    s.mean_bn = m.running_mean;
-    s.var_bn = m.running_var;
   }
   s.mu.assign(n * c, 0);
   s.sigma2.assign(n * c, 0);
@@ -140,8 +140,8 @@ inline Statistics statistics(const Mixing& m, const double* mean_in, const doubl
         }
         continue;
       }
-      const double* __restrict mean = slot == kIn ? mean_in + i * c : s.mean_bn.data() + Statistics::bn_row(m, i) * c;
-      const double* __restrict var = slot == kIn ? var_in + i * c : s.var_bn.data() + Statistics::bn_row(m, i) * c;
+      const double* __restrict mean = slot == kIn ? mean_in + i * c : s.bn_mean(m) + Statistics::bn_row(m, i) * c;
+      const double* __restrict var = slot == kIn ? var_in + i * c : s.bn_var(m) + Statistics::bn_row(m, i) * c;
 #pragma omp simd
       for (int64_t j = 0; j < c; ++j) {
         mu[j] += pm * mean[j];
@@ -149,6 +149,11 @@ inline Statistics statistics(const Mixing& m, const double* mean_in, const doubl
       }
     }
   }
+}
+
+inline Statistics statistics(const Mixing& m, const double* mean_in, const double* var_in) {
+  Statistics s;
+  fill_statistics(m, mean_in, var_in, s);
   return s;
 }
 

@@ -5,11 +5,9 @@
 // in their own dtype and computed in float32 (the "compute dtype"); nothing full-size is copied. Every pass splits its
 // work from the shapes alone, never from the thread count, so that results do not depend on how many threads run.
 //
-// - moments: per-(n, c) IN mean and unbiased variance (float64) in one read from memory: x goes in parts of about
-//   kChunk values, each read twice while it is in the core's cache (its mean m, then d = x - m, whose sums correct m
-//   and give the squared deviations without cancellation, so that a large mean costs no precision), and the parts
-//   combine exactly in float64; centre = the mean rounded to the compute dtype.
-// - affine_pass: out = (x - m) * b + c (+ g * a), per (n, c).
+// - affine_pass / apply: out = (x - m) * b + c (+ g * a), per (n, c) (here).
+// - moments (sn_moments.h; a row's parts in sn_row_moments.h): per-(n, c) IN mean and unbiased variance (float64) in
+//   one read from memory; centre = the mean rounded to the compute dtype.
 // - grad_sums (sn_grad_passes.h): sum_L g and sum_L g * (x - m) per (n, c), float64, one read of g and x.
 
 #pragma once
@@ -154,6 +152,7 @@ const A* per_row(const at::Tensor& t, const View& v, const char* op, const char*
 // values each, so that there are tasks for every thread at batch 1 too; inside a task, rows go in groups of about kChunk values, summed in the
 // compute dtype (vectorised over the channels) and then accumulated in float64.
 constexpr int64_t kChannelBlock = 64;
+constexpr int64_t kFlatValues = 128;  // narrow channels-innermost rows are handled this many values at a time
 constexpr int64_t kGroupRows = 256;
 
 struct NlcTasks {
@@ -207,15 +206,41 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
     });
     return;
   }
+  // Narrow rows (few channels) go `per` at a time as one flat run of per * C values, with the sample's coefficients
+  // repeated `per` times: one long vector loop where a loop per row of 16 channels would be mostly loop overhead.
+  // Values are computed by the same formula either way, so the results do not depend on the grouping.
+  const int64_t per = v.c <= kFlatValues / 4 ? kFlatValues / v.c : 1, width = per * v.c;
   at::parallel_for(0, v.n * v.l, std::max<int64_t>(1, kTaskValues / v.c), [&](int64_t begin, int64_t end) {
     // The rows of one sample share its coefficients: found once per sample, not per row (a row can be one vector).
     auto rows = [&]() SNZOO_INLINE_BODY {
+      A rm[kFlatValues], ra[kFlatValues], rb[kFlatValues], rc[kFlatValues];
       for (int64_t row = begin; row < end;) {
         const int64_t first = (row / v.l) * v.c, stop = std::min(end, (row / v.l + 1) * v.l);
         const A* __restrict mn = m + first;
         const A* __restrict an = kWithGrad ? a + first : nullptr;
         const A* __restrict bn = b + first;
         const A* __restrict cn = c + first;
+        if (per > 1 && stop - row >= per) {
+          for (int64_t i0 = 0; i0 < width; i0 += v.c) {
+            for (int64_t ch = 0; ch < v.c; ++ch) {
+              rm[i0 + ch] = mn[ch];
+              rb[i0 + ch] = bn[ch];
+              rc[i0 + ch] = cn[ch];
+              if (kWithGrad) ra[i0 + ch] = an[ch];
+            }
+          }
+          for (; row + per <= stop; row += per) {
+            const T* __restrict xr = x + row * v.c;
+            const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+            T* __restrict yr = out + row * v.c;
+#pragma omp simd
+            for (int64_t i = 0; i < width; ++i) {
+              A value = (load(xr[i]) - rm[i]) * rb[i] + rc[i];
+              if (kWithGrad) value += load(gr[i]) * ra[i];
+              yr[i] = store<T>(value);
+            }
+          }
+        }
         for (; row < stop; ++row) {
           const T* __restrict xr = x + row * v.c;
           const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
@@ -233,231 +258,7 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
   });
 }
 
-// ------------------------------------------------------------------------------------------------ moments
-// Count, mean and sum of squared deviations of a part of a row; parts combine exactly (Chan et al.), so each part
-// is read from memory once: its two passes (mean, then centred squares) run while it is in the core's cache.
-struct Moments {
-  double count = 0, mean = 0, m2 = 0;
-  void add(double count_b, double mean_b, double m2_b) {
-    if (count == 0) {  // the first part: nothing to combine (and no division, which short rows would pay for)
-      count = count_b, mean = mean_b, m2 = m2_b;
-      return;
-    }
-    add(count_b, mean_b, m2_b, count_b / (count + count_b));
-  }
-  // The same with share = count_b / (count + count_b) given: channels that see the same counts share one division.
-  void add(double count_b, double mean_b, double m2_b, double share) {
-    if (count == 0) {
-      count = count_b, mean = mean_b, m2 = m2_b;
-      return;
-    }
-    const double delta = mean_b - mean;
-    mean += delta * share;
-    m2 += m2_b + delta * delta * (count * share);
-    count += count_b;
-  }
-};
-
-// The part's first pass gives its rounded mean m; the second sums d = x - m and d^2, which corrects m and gives the
-// squared deviations without cancellation: mean = m + sum d / k, m2 = sum d^2 - (sum d)^2 / k.
-// m is only the centre of the second pass (the residue corrects it), so it may be rounded any way: it is taken with a
-// multiplication by 1 / count, which the caller computes once for rows of equal length.
-// Sums over a part run in kLanes independent lanes (several vector registers), added up in a fixed order at the
-// end: one running sum would wait on the latency of every vector add, and would run at a fraction of the core's
-// throughput. The order depends on the part alone, so results stay independent of the thread count.
-constexpr int64_t kLanes = 64;
-
-// The sum of the lanes, halved in a fixed tree (vector adds; a running scalar sum would be a chain of 64 adds).
-template <typename A>
-A fold_lanes(A* lanes) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  }
-  return lanes[0];
-}
-
-template <typename T>
-Moments short_moments(const T* __restrict x, int64_t count, double inv_count) {
-  using A = typename Compute<T>::type;
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < count; ++i) sum += load(x[i]);
-  const A m = sum * A(inv_count);
-  A squares = 0, residue = 0;
-#pragma omp simd reduction(+ : squares, residue)
-  for (int64_t i = 0; i < count; ++i) {
-    const A d = load(x[i]) - m;
-    squares += d * d;
-    residue += d;
-  }
-  const double res = residue;
-  return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
-}
-
-template <typename T>
-Moments chunk_moments(const T* __restrict x, int64_t count, double inv_count) {
-  using A = typename Compute<T>::type;
-  if (count < 4 * kLanes) return short_moments(x, count, inv_count);  // too short for the lanes to pay off
-  const int64_t whole = count / kLanes * kLanes;
-  A m, squares, residue;
-  wide_vectors([&]() SNZOO_INLINE_BODY {
-    A lanes[kLanes] = {};
-    for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) lanes[j] += load(x[i + j]);
-    }
-    // The rest of the part (fewer than kLanes values) goes into the first lanes: one masked vector step, where a
-    // scalar loop would cost as much as the vectorised part of a row of 784.
-#pragma omp simd
-    for (int64_t j = 0; j < count - whole; ++j) lanes[j] += load(x[whole + j]);
-    m = fold_lanes(lanes) * A(inv_count);
-    A square_lanes[kLanes] = {}, residue_lanes[kLanes] = {};
-    for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const A d = load(x[i + j]) - m;
-        square_lanes[j] += d * d;
-        residue_lanes[j] += d;
-      }
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < count - whole; ++j) {
-      const A d = load(x[whole + j]) - m;
-      square_lanes[j] += d * d;
-      residue_lanes[j] += d;
-    }
-    squares = fold_lanes(square_lanes);
-    residue = fold_lanes(residue_lanes);
-  });
-  const double res = residue;
-  return {double(count), double(m) + res * inv_count, double(squares) - res * res * inv_count};
-}
-
-template <typename T>
-void moments(const T* x, const View& v, typename Compute<T>::type* centre, double* mean, double* var) {
-  using A = typename Compute<T>::type;
-  const double inv_l1 = 1.0 / double(v.l - 1);
-  auto finish = [&](int64_t r, const Moments& mo) {
-    mean[r] = mo.mean;
-    var[r] = mo.m2 * inv_l1;
-    centre[r] = A(mo.mean);
-  };
-  if (!v.nlc) {
-    const int64_t last = (v.l - 1) / kChunk * kChunk;  // start of the last, possibly shorter, part of a row
-    const double inv_full = 1.0 / double(std::min(kChunk, v.l)), inv_last = 1.0 / double(v.l - last);
-    at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        Moments mo;
-        for (int64_t start = 0; start < v.l; start += kChunk) {
-          const int64_t count = std::min(kChunk, v.l - start);
-          const Moments part = chunk_moments(x + r * v.l + start, count, start == last ? inv_last : inv_full);
-          mo.add(part.count, part.mean, part.m2);
-        }
-        finish(r, mo);
-      }
-    });
-    return;
-  }
-  // (N, L, C): each task combines the moments of its groups of rows per channel, then the segments of each sample
-  // are combined.
-  const NlcTasks tasks(v);
-  std::vector<Moments> partial(v.n * tasks.segments * v.c);
-  at::parallel_for(0, tasks.count(v), 1, [&](int64_t begin, int64_t end) {
-    auto tasks_body = [&]() SNZOO_INLINE_BODY {
-      A sum[kChannelBlock], squares[kChannelBlock], residue[kChannelBlock];
-      A sum2[kChannelBlock], squares2[kChannelBlock], residue2[kChannelBlock];
-      const T zeros[kChannelBlock] = {};  // the partner of an odd group's last row
-      double acc_mean[kChannelBlock], acc_m2[kChannelBlock];  // the task's moments so far, per channel
-      for (int64_t task = begin; task < end; ++task) {
-        int64_t n, c0, width, segment, l0, l1;
-        tasks.unpack(v, task, n, c0, width, segment, l0, l1);
-        for (int64_t g0 = l0; g0 < l1; g0 += tasks.group_rows) {
-          const int64_t g1 = std::min(l1, g0 + tasks.group_rows);
-          const double k = double(g1 - g0), inv_k = 1.0 / k;
-          const double share = k / (double(g0 - l0) + k);  // every channel of the task has seen g0 - l0 rows
-          const A inv_count = A(inv_k);
-          // Rows go in pairs, each row of a pair into its own sums (added at the end), so that two chains of vector
-          // adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
-          for (int64_t c = 0; c < width; ++c) {
-          sum[c] = squares[c] = residue[c] = sum2[c] = squares2[c] = residue2[c] = 0;
-        }
-          const int64_t paired = g0 + (g1 - g0) / 2 * 2;
-          for (int64_t l = g0; l < g1; l += 2) {
-            const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-            const T* __restrict next = l + 1 < g1 ? row + v.c : zeros;
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c) {
-              sum[c] += load(row[c]);
-              sum2[c] += load(next[c]);
-            }
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) sum[c] = (sum[c] + sum2[c]) * inv_count;  // the second pass's centre
-          for (int64_t l = g0; l < paired; l += 2) {
-            const T* __restrict row = x + (n * v.l + l) * v.c + c0;
-            const T* __restrict next = row + v.c;
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c) {
-              const A d = load(row[c]) - sum[c], e = load(next[c]) - sum[c];
-              squares[c] += d * d;
-              residue[c] += d;
-              squares2[c] += e * e;
-              residue2[c] += e;
-            }
-          }
-          if (paired < g1) {
-            const T* __restrict row = x + (n * v.l + paired) * v.c + c0;
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c) {
-              const A d = load(row[c]) - sum[c];
-              squares[c] += d * d;
-              residue[c] += d;
-            }
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            squares[c] += squares2[c];
-            residue[c] += residue2[c];
-          }
-          // Moments::add for every channel at once (the counts are the channels' common ones): vectorised, where a
-          // combination per channel and group would cost as much as the group's passes on narrow rows.
-          const double seen = double(g0 - l0);
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) {
-            const double res = residue[c];
-            const double mean_b = double(sum[c]) + res * inv_k, m2_b = double(squares[c]) - res * res * inv_k;
-            if (seen == 0) {
-              acc_mean[c] = mean_b;
-              acc_m2[c] = m2_b;
-            } else {
-              const double delta = mean_b - acc_mean[c];
-              acc_mean[c] += delta * share;
-              acc_m2[c] += m2_b + delta * delta * (seen * share);
-            }
-          }
-        }
-        for (int64_t c = 0; c < width; ++c) {
-          partial[(n * tasks.segments + segment) * v.c + c0 + c] = Moments{double(l1 - l0), acc_mean[c], acc_m2[c]};
-        }
-      }
-    };
-    vectorised(v.c >= kWideChannels, tasks_body);
-  });
-  for (int64_t n = 0; n < v.n; ++n) {
-    for (int64_t c = 0; c < v.c; ++c) {
-      Moments mo;
-      for (int64_t segment = 0; segment < tasks.segments; ++segment) {
-        const Moments& part = partial[(n * tasks.segments + segment) * v.c + c];
-        mo.add(part.count, part.mean, part.m2);
-      }
-      finish(n * v.c + c, mo);
-    }
-  }
-}
-
-
-// ------------------------------------------------------------------------------------------------ apply
+// y = (x - centre) * scale + shift per (n, c).
 template <typename T>
 void apply(const T* x, T* y, const View& v, const typename Compute<T>::type* centre,
            const typename Compute<T>::type* scale, const typename Compute<T>::type* shift) {

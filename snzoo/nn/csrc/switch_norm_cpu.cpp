@@ -127,18 +127,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
       const View one{1, v.c, v.l, v.nlc};
       Mixing sample_mixing = m;
       sample_mixing.n = 1;
-      auto sample = [&](int64_t i) {
+      auto sample = [&](int64_t i, Statistics& own) {
         const int64_t offset = i * v.c * v.l, r0 = i * v.c;
         moments<scalar_t>(xp + offset, one, cp + r0, mp + r0, vp + r0);
-        const Statistics own = statistics(sample_mixing, mp + r0, vp + r0);
+        fill_statistics(sample_mixing, mp + r0, vp + r0, own);
         scale_and_shift<A>(sample_mixing, own, b, 0, 1, eps, cp + r0, scale.data() + r0, shift.data() + r0);
         apply<scalar_t>(xp + offset, yp + offset, one, cp + r0, scale.data() + r0, shift.data() + r0);
       };
       if (large) {
-        for (int64_t i = 0; i < v.n; ++i) sample(i);
+        Statistics own;
+        for (int64_t i = 0; i < v.n; ++i) sample(i, own);
       } else {  // the passes' own parallel_for runs inline inside this one
         at::parallel_for(0, v.n, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) sample(i);
+          Statistics own;
+          for (int64_t i = begin; i < end; ++i) sample(i, own);
         });
       }
     } else {
