@@ -44,11 +44,12 @@ def _check_moments(x: torch.Tensor, rtol: float = TOL32["rtol"]) -> None:
     assert centre.shape == (n, c)
 
 
-# (N, C, H, W): short rows (49, 4 at a time, 6 rows: a group of two repeats its last row), one-part rows (300, 784),
+# (N, C, H, W): short rows (2, 9, 32, 16, 255 and 49 values: whole vectors and remainders; 4 at a time, 6 rows: a
+# group of two repeats its last row), one-part rows (256, 300, 784),
 # rows of several parts (70 x 70); channels-innermost: blocks of 64 in registers (16, 32, 64, 128, 192 channels) and
 # the general blocks (48, 3, 300)
-SHAPES = [(2, 3, 7, 7), (3, 5, 7, 7), (2, 3, 15, 20), (2, 3, 28, 28), (1, 2, 70, 70), (2, 16, 7, 7), (2, 16, 28, 28),
-          (3, 32, 14, 14), (2, 64, 7, 7), (2, 128, 9, 9), (1, 192, 5, 5), (2, 48, 7, 7), (2, 3, 9, 9), (1, 300, 4, 5)]
+SHAPES = [(2, 3, 1, 2), (2, 3, 3, 3), (2, 3, 4, 8), (2, 3, 4, 4), (2, 3, 5, 51), (2, 3, 16, 16), (2, 3, 7, 7),
+          (3, 5, 7, 7), (2, 3, 15, 20), (2, 3, 28, 28), (1, 2, 70, 70), (2, 16, 7, 7), (2, 16, 28, 28), (3, 32, 14, 14), (2, 64, 7, 7), (2, 128, 9, 9), (1, 192, 5, 5), (2, 48, 7, 7), (2, 3, 9, 9), (1, 300, 4, 5)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -169,10 +169,12 @@ struct NlcTasks {
   // task -> sample, first channel, channel count, segment, first row, end row
   void unpack(const View& v, int64_t task, int64_t& n, int64_t& c0, int64_t& width, int64_t& segment, int64_t& l0,
               int64_t& l1) const {
-    segment = task % segments;
-    const int64_t rest = task / segments;
-    c0 = (rest % blocks) * block;
-    n = rest / blocks;
+    // sample, then segment, then block: consecutive tasks cover consecutive rows, as the output pass splits them, so
+    // that a thread's second read of a part of x finds it in its own core's cache
+    c0 = (task % blocks) * block;
+    const int64_t rest = task / blocks;
+    segment = rest % segments;
+    n = rest / segments;
     width = std::min(block, v.c - c0);
     l0 = segment * segment_rows;
     l1 = std::min(v.l, l0 + segment_rows);

@@ -8,6 +8,10 @@
 
 #include "sn_passes.h"
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
+
 namespace snzoo_cpu {
 
 // Count, mean and sum of squared deviations of a part of a row; parts combine exactly (Chan et al.), so each part
@@ -88,12 +92,51 @@ inline bool from_pilot(double pilot, double count, double inv_count, double sum_
 // row's chain waits on the latency of each add (rows of 49 values: 28x28 maps after two stride-2 stages). Every row's
 // sums come from the same instructions whatever the other three rows are, so a row's result does not depend on its
 // neighbours; a group of fewer rows repeats its last one.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SNZOO_AVX512_ROWS 1
+// The sums of d = x - p and d^2 of one short float32 or bfloat16 row in 16-value vectors, its last values through a
+// masked load (a compiler's own loop leaves them to scalar code, as long as the row's vector part at 49 values).
+inline __m512 load16_masked(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16_masked(const c10::BFloat16* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <typename T>
+inline void row_sums16(const T* __restrict x, int64_t count, float pilot, float& sum_d, float& squares) {
+  const __m512 p = _mm512_set1_ps(pilot);
+  __m512 s = _mm512_setzero_ps(), q = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 d = _mm512_sub_ps(load16_masked(x + i, 0xFFFF), p);
+    s = _mm512_add_ps(s, d);
+    q = _mm512_fmadd_ps(d, d, q);
+  }
+  if (i < count) {
+    const __mmask16 mask = __mmask16((1u << (count - i)) - 1);
+    const __m512 d = _mm512_maskz_sub_ps(mask, load16_masked(x + i, mask), p);
+    s = _mm512_add_ps(s, d);
+    q = _mm512_fmadd_ps(d, d, q);
+  }
+  sum_d = _mm512_reduce_add_ps(s);
+  squares = _mm512_reduce_add_ps(q);
+}
+#endif
+
 template <typename T>
 void short_moments4(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2, const T* __restrict r3,
                     int64_t count, double inv_count, Moments* out) {
   using A = typename Compute<T>::type;
   const A p0 = load(r0[0]), p1 = load(r1[0]), p2 = load(r2[0]), p3 = load(r3[0]);
   A s0 = 0, s1 = 0, s2 = 0, s3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+#ifdef SNZOO_AVX512_ROWS
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    row_sums16(r0, count, p0, s0, q0);
+    row_sums16(r1, count, p1, s1, q1);
+    row_sums16(r2, count, p2, s2, q2);
+    row_sums16(r3, count, p3, s3, q3);
+  } else
+#endif
 #pragma omp simd reduction(+ : s0, s1, s2, s3, q0, q1, q2, q3)
   for (int64_t i = 0; i < count; ++i) {
     const A d0 = load(r0[i]) - p0, d1 = load(r1[i]) - p1, d2 = load(r2[i]) - p2, d3 = load(r3[i]) - p3;
