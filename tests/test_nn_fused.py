@@ -290,13 +290,13 @@ def _function(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, k
     return y
 
 
-def _kernel_layer(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, k):
+def _kernel_layer(x, weight, bias, mean_probs, var_probs, rm, rv, terms, training, k, logits=False):
     """The kernel's whole-layer operator (autograd in C++); the running buffers copied, so that gradcheck's
-    repeated forwards all see the same ones."""
+    repeated forwards all see the same ones. logits: the probabilities are raw weights, softmax taken inside."""
     rm = None if rm is None else rm.clone()
     rv = None if rv is None else rv.clone()
     return cpu_kernels.switch_norm(x, weight, bias, mean_probs, var_probs, cpu_kernels.term_slots(terms), k, rm, rv,
-                                   training, 0.9, True, 1e-5)
+                                   training, 0.9, True, 1e-5, logits)
 
 
 def _gradcheck_inputs(shape, n_terms, seed, channels_last=False):
@@ -350,14 +350,35 @@ def test_gradcheck_of_the_function(shape, terms, training, k, allow_fast):
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck_of_the_kernel_layer(shape, terms, training, k, channels_last):
+@pytest.mark.parametrize("logits", [False, True])
+def test_gradcheck_of_the_kernel_layer(shape, terms, training, k, channels_last, logits):
     """The compiled operator's C++ backward against finite differences in float64: input, weight, bias and both
-    probability vectors, with ghost batches, eval BN on running buffers, batch 1, 1d / 2d / 3d, channels_last."""
+    probability vectors (or, with logits, the raw weights whose softmax the operator takes), with ghost batches, eval
+    BN on running buffers, batch 1, 1d / 2d / 3d, channels_last."""
     assert cpu_kernels.available()
     inputs, rm, rv = _gradcheck_inputs(shape, len(terms), seed=32, channels_last=channels_last)
+    if logits:  # raw weights of any sign and scale instead of probabilities
+        inputs = (*inputs[:3], *(torch.randn(len(terms), dtype=torch.float64, generator=torch.Generator().manual_seed(
+            33 + i)).mul(2).requires_grad_(True) for i in range(2)))
     assert torch.autograd.gradcheck(
-        lambda *t: _kernel_layer(*t, rm, rv, terms, training, k), inputs, eps=1e-6, atol=1e-7
+        lambda *t: _kernel_layer(*t, rm, rv, terms, training, k, logits), inputs, eps=1e-6, atol=1e-7
     )
+
+
+def test_raw_weights_in_the_operator_equal_softmax_outside():
+    """logits=True equals the operator on torch.softmax of the raw weights: output bit for bit (the same softmax
+    values), raw-weight gradients to float64 rounding."""
+    inputs, rm, rv = _gradcheck_inputs((4, 3, 5, 2), 3, seed=34)
+    x, weight, bias = (t.detach().requires_grad_(True) for t in inputs[:3])
+    raw = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in ([0.3, -1.2, 2.0], [1.5, 0.0, -0.4])]
+    grad_y = torch.randn(4, 3, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(35))
+    inside = _kernel_layer(x, weight, bias, *raw, rm, rv, ("in", "ln", "bn"), True, 4, logits=True)
+    inside_grads = torch.autograd.grad(inside, [x, *raw], grad_y)
+    outside = _kernel_layer(x, weight, bias, *(torch.softmax(r, 0) for r in raw), rm, rv, ("in", "ln", "bn"), True, 4)
+    outside_grads = torch.autograd.grad(outside, [x, *raw], grad_y)
+    assert torch.equal(inside, outside) and torch.equal(inside_grads[0], outside_grads[0])
+    for got, want in zip(inside_grads[1:], outside_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_gradcheck_channels_last():
@@ -668,8 +689,9 @@ def test_eval_trace_is_plain_fused_formula():
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_no_grad_eval_records_nothing_and_training_is_one_node(kernel, monkeypatch):
-    """Without gradients nothing is recorded; in training one autograd node per layer: the kernel's C++ node, or
-    `_SwitchNormFunction` on PyTorch ops."""
+    """Without gradients nothing is recorded; in training one autograd node per layer: the kernel's C++ node (which
+    takes the raw importance weights' softmax itself: its inputs are the parameters), or `_SwitchNormFunction` on
+    PyTorch ops."""
     if not kernel:
         monkeypatch.setattr(cpu_kernels, "_enabled", False)
     layer = _randomise(SwitchNorm2d(4), seed=74)
@@ -682,8 +704,7 @@ def test_no_grad_eval_records_nothing_and_training_is_one_node(kernel, monkeypat
         y = layer.train()(x.requires_grad_(True))
     if kernel:
         assert y.grad_fn.name().endswith("SwitchNormFunction>")
-        assert {type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None} == {"AccumulateGrad",
-                                                                                           "SoftmaxBackward0"}
+        assert {type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
     else:
         assert type(y.grad_fn).__name__ == "_SwitchNormFunctionBackward"
 

@@ -55,7 +55,9 @@ def test_fits_agrees_with_what_the_operator_accepts(shape):
                                          (lambda: SparseSwitchNorm2d(5), (4, 5, 6, 7))])
 @pytest.mark.parametrize("training", [False, True])
 def test_the_direct_call_equals_the_dispatched_one(make, shape, training, monkeypatch):
-    """The layer's direct operator call gives the output, gradients and buffers of functional.switch_norm's route."""
+    """The layer's direct operator call gives the output, gradients and buffers of functional.switch_norm's route, bit
+    for bit; the raw importance weights' gradient to float32 rounding (the direct call takes the softmax's backward
+    inside the operator, in float64, the other route in torch's float32 softmax backward)."""
     from snzoo.nn import functional
 
     base = randomise(make(), seed=3, buffers=True).train(training)
@@ -68,8 +70,9 @@ def test_the_direct_call_equals_the_dispatched_one(make, shape, training, monkey
         y = layer(xr)
         y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))
         results[route] = [y, xr.grad, layer.weight.grad, layer.mean_weight.grad, *layer.buffers()]
-    for got, want in zip(results["direct"], results["dispatched"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for index, (got, want) in enumerate(zip(results["direct"], results["dispatched"])):
+        exact = index != 3 or isinstance(base, SparseSwitchNorm2d)  # 3: mean_weight.grad
+        torch.testing.assert_close(got, want, rtol=0 if exact else 2e-6, atol=0 if exact else 1e-7)
 
 
 def test_importance_weights_are_reused_only_while_their_parameters_are_unchanged():

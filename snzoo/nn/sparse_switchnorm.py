@@ -23,6 +23,7 @@ class SparseSwitchNorm2d(_SwitchNorm):
     input_dims = (4,)
     kernel_inputs = _SwitchNorm.kernel_inputs + ("radius", "mean_fixed", "var_fixed")
     importance_inputs = ("mean_weight", "var_weight", "radius", "mean_fixed", "var_fixed")
+    softmax_importance = False
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ class _SwitchNorm(nn.Module):
     # What the kernel's operator reads (by name), and which of those the importance weights derive from.
     kernel_inputs: tuple[str, ...] = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var")
     importance_inputs: tuple[str, ...] = ("mean_weight", "var_weight")
+    softmax_importance = True  # importance_weights() is the softmax of the raw weights (Sparse SN: sparsestmax)
 
     def __init__(
         self,
@@ -161,11 +162,11 @@ class _SwitchNorm(nn.Module):
             # output still tied to the affine parameters, and no statistics to take or update.
             shape = (1, self.num_features) + (1,) * (x.dim() - 2)
             return x * self.weight.reshape(shape) + self.bias.reshape(shape)
-        mean_probs, var_probs = self.importance_weights()
         if group is None and F_sn.takes_whole_layer(x):
             # What F_sn.switch_norm would run, without its dispatch: on small maps the Python around the one
             # operator call costs as much as the call itself.
-            return self._whole_layer(x, mean_probs, var_probs)
+            return self._whole_layer(x)
+        mean_probs, var_probs = self.importance_weights()
         return F_sn.switch_norm(
             x,
             self.weight,
@@ -183,8 +184,12 @@ class _SwitchNorm(nn.Module):
             process_group=group,
         )
 
-    def _whole_layer(self, x: Tensor, mean_probs: Tensor, var_probs: Tensor) -> Tensor:
+    def _whole_layer(self, x: Tensor) -> Tensor:
         """The layer as one operator of the CPU kernel (the running buffers are read as C values, any shape)."""
+        if self.softmax_importance:  # the raw weights: the operator takes their softmax and returns their gradient
+            mean_probs, var_probs, logits = self._tensor("mean_weight"), self._tensor("var_weight"), True
+        else:
+            (mean_probs, var_probs), logits = self.importance_weights(), False
         n = x.shape[0]
         if self.using_bn:
             bn_group = ghost_group_size(n, self.ghost_batch_size) if self.training else n
@@ -194,6 +199,7 @@ class _SwitchNorm(nn.Module):
         return cpu_kernels.switch_norm(
             x, self._tensor("weight"), self._tensor("bias"), mean_probs, var_probs, cpu_kernels.term_slots(self.terms),
             bn_group, running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
+            logits,
         )
 
     def extra_repr(self) -> str:

@@ -31,6 +31,13 @@ inline std::vector<double> doubles(const Tensor& t, int64_t count, const char* w
   return out;
 }
 
+// The gradient of softmax's inputs from the gradient of its outputs p: p * (grad - sum(p * grad)), in place.
+inline void softmax_backward(const std::vector<double>& p, std::vector<double>& grad) {
+  double dot = 0;
+  for (size_t t = 0; t < p.size(); ++t) dot += p[t] * grad[t];
+  for (size_t t = 0; t < p.size(); ++t) grad[t] = p[t] * (grad[t] - dot);
+}
+
 // One layer's mixing: which terms, their probabilities, the BN groups or running buffers, the affine weight.
 struct Mixing {
   int64_t n, c, group;
@@ -41,13 +48,16 @@ struct Mixing {
   std::vector<double> weight;
   std::vector<double> running_mean, running_var;  // eval with a BN term: the BN statistics
 
+  // logits: mean_probs and var_probs are the raw importance weights, whose softmax the mixing takes
   Mixing(const View& v, const Tensor& w, const Tensor& mean_probs, const Tensor& var_probs, at::IntArrayRef terms,
-         int64_t group_size, const optional<Tensor>& rm, const optional<Tensor>& rv, bool train)
+         int64_t group_size, const optional<Tensor>& rm, const optional<Tensor>& rv, bool train, bool logits)
       : n(v.n), c(v.c), group(group_size), training(train), slots(terms.begin(), terms.end()) {
     const int64_t k = int64_t(slots.size());
     TORCH_CHECK(k >= 1 && k <= 3, "switch_norm: between 1 and 3 terms");
-    pm = doubles(mean_probs, k, "mean_probs");
-    pv = doubles(var_probs, k, "var_probs");
+    // torch's own softmax, so that the probabilities are those of the layer's importance_weights() bit for bit: with
+    // a mean that dwarfs the spread the output depends on their rounding (their sum is 1 only to float32 precision)
+    pm = doubles(logits ? at::_softmax(mean_probs.reshape({-1}), 0, false) : mean_probs, k, "mean_probs");
+    pv = doubles(logits ? at::_softmax(var_probs.reshape({-1}), 0, false) : var_probs, k, "var_probs");
     for (int64_t s : slots) {
       TORCH_CHECK(s >= kIn && s <= kBn, "switch_norm: terms are 0 (IN), 1 (LN) or 2 (BN)");
       has_ln |= s == kLn;

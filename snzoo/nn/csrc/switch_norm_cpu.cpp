@@ -4,8 +4,9 @@
 //
 // One operator per layer and direction, with autograd:
 // - switch_norm(x, weight, bias, mean_probs, var_probs, terms, group, running_mean?, running_var?, training,
-//   momentum, moving_average, eps) -> y: a whole SN layer. terms gives the statistic of each probability (0 IN,
-//   1 LN, 2 BN); group is the number of samples of a BN statistics group (a ghost batch; N without). In training
+//   momentum, moving_average, eps, logits=False) -> y: a whole SN layer. terms gives the statistic of each probability
+//   (0 IN, 1 LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer
+//   takes (and whose gradients the backward returns); group is the number of samples of a BN statistics group (a ghost batch; N without). In training
 //   with a BN term the running buffers are updated here; in eval the BN term is the running buffers. Its backward
 //   is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule, the running
 //   update) here in float64, so that a layer costs one call each way whatever its batch and map size.
@@ -100,9 +101,9 @@ at::Tensor sn_grad_input(const at::Tensor& g, const at::Tensor& x, const at::Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs, const Tensor& var_probs,
     at::IntArrayRef terms, int64_t group, const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    bool training, double momentum, bool moving_average, double eps) {
+    bool training, double momentum, bool moving_average, double eps, bool logits) {
   const View v = view_of(x, "switch_norm");
-  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training);
+  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training, logits);
   const std::vector<double> b = doubles(bias, v.c, "bias");
   const auto f64 = x.options().dtype(at::kDouble);
   Tensor mean = at::empty({v.n, v.c}, f64), var = at::empty({v.n, v.c}, f64), centre;
@@ -167,9 +168,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> switch_norm_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
     const Tensor& var_probs, at::IntArrayRef terms, int64_t group, const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var, bool training, double eps, const Tensor& mean_in, const Tensor& var_in,
-    const Tensor& centre, std::array<bool, 4> output_mask) {
+    const Tensor& centre, std::array<bool, 4> output_mask, bool logits) {
   const View v = view_of(x, "switch_norm_backward");
-  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training);
+  const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training, logits);
   const int64_t n = v.n, c = v.c, rows = n * c, k = int64_t(m.slots.size());
   const double* mi = per_row<double>(mean_in, v, "switch_norm_backward", "mean_in");
   const double* vi = per_row<double>(var_in, v, "switch_norm_backward", "var_in");
@@ -258,6 +259,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> switch_norm_backward(
     affine_pass<scalar_t, true>(x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), v, cp,
                                 ca.data(), cb.data(), cc.data());
   });
+  if (logits) {  // through the softmax to the raw importance weights
+    softmax_backward(m.pm, dpm);
+    softmax_backward(m.pv, dpv);
+  }
   auto as_like = [](const std::vector<double>& values, const Tensor& like, bool wanted) {
     if (!wanted) return Tensor();
     Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
@@ -280,13 +285,13 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& mean_probs, const Tensor& var_probs, std::vector<int64_t> terms, int64_t group,
                         const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                        double momentum, bool moving_average, double eps) {
+                        double momentum, bool moving_average, double eps, bool logits) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("snzoo::switch_norm_forward", "")
                          .typed<decltype(switch_norm_forward)>();
     auto [y, mean_in, var_in, centre] = op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
-                                                running_var, training, momentum, moving_average, eps);
+                                                running_var, training, momentum, moving_average, eps, logits);
     // In eval the BN term reads the running buffers: the backward keeps its own copy (the buffers may change
     // before it runs).
     const bool eval_bn = !training && running_mean.has_value() && running_var.has_value();
@@ -297,6 +302,7 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
     ctx->saved_data["group"] = group;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["logits"] = logits;
     return y;
   }
 
@@ -312,16 +318,17 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
                                    ctx->needs_input_grad(3) || ctx->needs_input_grad(4)};
     auto [dx, dweight, dbias, dpm, dpv] = op.call(
         grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], terms, ctx->saved_data["group"].toInt(), rm,
-        rv, ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), saved[5], saved[6], saved[7], mask);
+        rv, ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), saved[5], saved[6], saved[7], mask,
+        ctx->saved_data["logits"].toBool());
     return {dx, dweight, dbias, dpm, dpv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor()};
+            Tensor(), Tensor()};
   }
 };
 
 Tensor switch_norm_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
                             const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                            double momentum, bool moving_average, double eps) {
+                            double momentum, bool moving_average, double eps, bool logits) {
   const bool records = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() ||
                                                       bias.requires_grad() || mean_probs.requires_grad() ||
                                                       var_probs.requires_grad());
@@ -331,18 +338,18 @@ Tensor switch_norm_autograd(const Tensor& x, const Tensor& weight, const Tensor&
                          .findSchemaOrThrow("snzoo::switch_norm_forward", "")
                          .typed<decltype(switch_norm_forward)>();
     return std::get<0>(op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean, running_var,
-                               training, momentum, moving_average, eps));
+                               training, momentum, moving_average, eps, logits));
   }
   return SwitchNormFunction::apply(x, weight, bias, mean_probs, var_probs, terms.vec(), group, running_mean,
-                                   running_var, training, momentum, moving_average, eps);
+                                   running_var, training, momentum, moving_average, eps, logits);
 }
 
 Tensor switch_norm_plain(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
                          const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
                          const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                         double momentum, bool moving_average, double eps) {
+                         double momentum, bool moving_average, double eps, bool logits) {
   return std::get<0>(switch_norm_forward(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
-                                         running_var, training, momentum, moving_average, eps));
+                                         running_var, training, momentum, moving_average, eps, logits));
 }
 
 }  // namespace
@@ -351,14 +358,14 @@ TORCH_LIBRARY(snzoo, m) {
 #define SNZOO_LAYER_ARGS                                                                                         \
   "Tensor x, Tensor weight, Tensor bias, Tensor mean_probs, Tensor var_probs, int[] terms, int group, "         \
   "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, bool moving_average, "     \
-  "float eps"
+  "float eps, bool logits=False"
   m.def("switch_norm(" SNZOO_LAYER_ARGS ") -> Tensor");
   m.def("switch_norm_forward(" SNZOO_LAYER_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
 #undef SNZOO_LAYER_ARGS
   m.def(
       "switch_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean_probs, "
       "Tensor var_probs, int[] terms, int group, Tensor? running_mean, Tensor? running_var, bool training, "
-      "float eps, Tensor mean_in, Tensor var_in, Tensor centre, bool[4] output_mask) "
+      "float eps, Tensor mean_in, Tensor var_in, Tensor centre, bool[4] output_mask, bool logits=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sn_moments(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("sn_apply(Tensor x, Tensor centre, Tensor scale, Tensor shift) -> Tensor");
