@@ -5,7 +5,8 @@ ResNet-101 v2 and resnet50v1_ssn (Sparse SN, against ResNet-50's BN) at batch 8;
 gradients) and train (forward, backward, SGD step), float32 and bfloat16 autocast, NCHW and channels_last. The SN
 and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating; a round of a small
 model averages as many calls as take about 0.1 s); the ratio of the fastest rounds ("best": load only ever adds
-time) and of the medians are reported, and per model the peak training memory (a fresh process per model, precision; NCHW) as SN / BN.
+time) and of the medians are reported, and per model the peak training memory (a fresh process per model,
+precision; NCHW) as SN / BN.
 
     .venv/bin/python benchmarks/sn_speed.py --grid [--rounds 5] [--device cuda] [--compile] [--no-memory]
         [--cells resnet20] [--csv results/sn_grid_cpu.csv]

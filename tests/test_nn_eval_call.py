@@ -176,6 +176,22 @@ def test_dtype_and_copies_get_their_own_arguments():
     assert y.dtype == torch.bfloat16 and torch.equal(y, _general(layer, x.bfloat16()))
 
 
+def test_a_dtype_change_without_buffers_is_seen():
+    """Without running buffers no tensor object changes in .to(dtype): the parameters keep their identity and version
+    counters, so the layer drops its arguments itself (the bfloat16 raw weights give other softmax values)."""
+    layer = randomise(SwitchNorm2d(3, using_bn=False), seed=13).eval()
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.1234567, -0.7654321]))
+    x = spread_input((2, 3, 4, 4), torch.float32, seed=14)
+    with torch.no_grad():
+        layer(x)
+        raw = layer.mean_weight
+        layer.bfloat16()
+        assert layer.mean_weight is raw
+        y = layer(x.bfloat16())
+    assert torch.equal(y, _general(layer, x.bfloat16()))
+
+
 def test_what_the_short_path_leaves_to_the_general_one(kernel_calls):
     """A strided input, single values per (sample, channel), an empty batch, the kernel or the fused implementation
     switched off, gradients on and training mode take the general path (which may still end in the kernel)."""

@@ -60,9 +60,9 @@ def test_wheel_ships_the_kernel_source_and_every_packaged_weights_file_byte_for_
                       for s in e.sources if s.kind == "package")
     # Every `package:` source of the manifest is a file of the checkout, so the list below is the complete one.
     assert packaged and sorted(f"snzoo/{p}" for p in packaged) == SHIPPED_WEIGHTS
-    assert KERNEL_SOURCES == ["snzoo/nn/csrc/sn_grad_passes.h", "snzoo/nn/csrc/sn_mixing.h", "snzoo/nn/csrc/sn_moments.h",
-                              "snzoo/nn/csrc/sn_passes.h", "snzoo/nn/csrc/sn_row_moments.h",
-                              "snzoo/nn/csrc/switch_norm_cpu.cpp"]
+    assert KERNEL_SOURCES == ["snzoo/nn/csrc/sn_grad_passes.h", "snzoo/nn/csrc/sn_mixing.h",
+                              "snzoo/nn/csrc/sn_moments.h", "snzoo/nn/csrc/sn_passes.h",
+                              "snzoo/nn/csrc/sn_row_moments.h", "snzoo/nn/csrc/switch_norm_cpu.cpp"]
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         missing = sorted(set(KERNEL_SOURCES + SHIPPED_WEIGHTS) - names)

@@ -32,7 +32,8 @@ from torch import Tensor
 from snzoo.errors import KernelBuildError
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
-HEADERS = ("sn_grad_passes.h", "sn_mixing.h", "sn_moments.h", "sn_passes.h", "sn_row_moments.h")  # next to SOURCE; part of the build's name
+# next to SOURCE; part of the build's name
+HEADERS = ("sn_grad_passes.h", "sn_mixing.h", "sn_moments.h", "sn_passes.h", "sn_row_moments.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 

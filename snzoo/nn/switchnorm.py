@@ -146,7 +146,8 @@ class _SwitchNorm(nn.Module):
             )
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) and the like change tensors in place of the same objects at the same versions.
+        # .to(dtype) and the like keep the parameters' objects and version counters (only buffers are replaced): the
+        # arguments derived from them must go.
         self.__dict__.pop("_kernel_args", None)
         return super()._apply(fn, recurse)
 

@@ -16,8 +16,10 @@ namespace snzoo_cpu {
 // of vector adds are in flight: with few channels a row is one vector, and one chain waits on every add's latency.
 template <typename T>
 SNZOO_INLINE_BODY inline void paired_group_sums(const T* __restrict x, int64_t rows, int64_t stride, int64_t width,
-                       typename Compute<T>::type inv_count, typename Compute<T>::type* __restrict sum,
-                       typename Compute<T>::type* __restrict squares, typename Compute<T>::type* __restrict residue) {
+                                                typename Compute<T>::type inv_count,
+                                                typename Compute<T>::type* __restrict sum,
+                                                typename Compute<T>::type* __restrict squares,
+                                                typename Compute<T>::type* __restrict residue) {
   using A = typename Compute<T>::type;
   A sum2[kChannelBlock], squares2[kChannelBlock], residue2[kChannelBlock];
   const T zeros[kChannelBlock] = {};  // the partner of an odd group's last row
@@ -85,9 +87,11 @@ inline void repeat_copies(const A* __restrict values, int64_t per, int64_t c, A*
 // at the end: long vector loops and `per` independent chains, where a loop per row of 16 channels is mostly overhead.
 // The rows left over (fewer than `per`) go into the first lanes.
 template <typename T>
-SNZOO_INLINE_BODY inline void flat_group_sums(const T* __restrict x, int64_t rows, int64_t c, typename Compute<T>::type inv_count,
-                     typename Compute<T>::type* __restrict sum, typename Compute<T>::type* __restrict squares,
-                     typename Compute<T>::type* __restrict residue) {
+SNZOO_INLINE_BODY inline void flat_group_sums(const T* __restrict x, int64_t rows, int64_t c,
+                                              typename Compute<T>::type inv_count,
+                                              typename Compute<T>::type* __restrict sum,
+                                              typename Compute<T>::type* __restrict squares,
+                                              typename Compute<T>::type* __restrict residue) {
   using A = typename Compute<T>::type;
   const int64_t per = kFlatValues / c, width = per * c;
   const int64_t whole = rows / per * width, total = rows * c;

@@ -1,15 +1,15 @@
 // Switchable normalisation on the CPU, registered as torch.ops.snzoo.*; built on first use by
-// snzoo/nn/cpu_kernels.py with the machine's compiler. The full-size passes are in sn_passes.h, the (N, C) work in
-// sn_mixing.h.
+// snzoo/nn/cpu_kernels.py with the machine's compiler. The full-size passes are in sn_passes.h (output),
+// sn_moments.h and sn_row_moments.h (statistics) and sn_grad_passes.h (backward), the (N, C) work in sn_mixing.h.
 //
 // One operator per layer and direction, with autograd:
-// - switch_norm(x, weight, bias, mean_probs, var_probs, terms, group, running_mean?, running_var?, training,
-//   momentum, moving_average, eps, logits=False) -> y: a whole SN layer. terms gives the statistic of each probability
-//   (0 IN, 1 LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer
-//   takes (and whose gradients the backward returns); group is the number of samples of a BN statistics group (a ghost batch; N without). In training
-//   with a BN term the running buffers are updated here; in eval the BN term is the running buffers. Its backward
-//   is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule, the running
-//   update) here in float64, so that a layer costs one call each way whatever its batch and map size.
+// - switch_norm(x, weight, bias, mean_probs, var_probs, terms, group, running_mean?, running_var?, training, momentum,
+//   moving_average, eps, logits=False) -> y: a whole SN layer. terms gives the statistic of each probability (0 IN, 1
+//   LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer takes (and
+//   whose gradients the backward returns); group is the number of samples of a BN statistics group (a ghost batch; N
+//   without). In training with a BN term the running buffers are updated here; in eval the BN term is the running
+//   buffers. Its backward is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule,
+//   the running update) here in float64, so that a layer costs one call each way whatever its batch and map size.
 // - switch_norm_forward(...) -> (y, mean_in, var_in, centre) and switch_norm_backward(grad_y, x, ..., mean_in,
 //   var_in, centre, output_mask) -> (dx, dweight, dbias, dmean_probs, dvar_probs): the two directions.
 //
