@@ -31,3 +31,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The keyword arguments of every call of the CPU kernel's whole-layer operator (`cpu_kernels.switch_norm`) while
+    the test runs; the operator still runs."""
+    from snzoo.nn import cpu_kernels
+
+    calls = []
+    kernel = cpu_kernels.switch_norm
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *args, **kw: calls.append(kw) or kernel(*args, **kw))
+    return calls

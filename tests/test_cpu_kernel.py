@@ -290,7 +290,7 @@ def test_a_training_layer_is_one_kernel_call_in_every_dtype_and_layout(dtype, la
     reference on the same values. With the kernel switched off it is not called."""
     calls: list[tuple] = []
     whole_layer = cpu_kernels.switch_norm
-    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda x, *a: calls.append((x.dtype, x.stride())) or whole_layer(x, *a))
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda x, *a, **kw: calls.append((x.dtype, x.stride())) or whole_layer(x, *a, **kw))
     base = randomise(SwitchNorm2d(6), seed=26, buffers=True).train()
     base.ghost_batch_size = ghost
     x_values = _op_input((6, 6, 5, 7), dtype, 27, layout)
@@ -337,7 +337,7 @@ def test_shipped_model_on_real_images_is_the_same_with_and_without_the_kernel():
 def test_use_kernel_switches_the_eval_path_inside_its_block(monkeypatch):
     calls = []
     kernel = cpu_kernels.switch_norm
-    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     layer = randomise(SwitchNorm2d(4), seed=9, buffers=True).eval()
     x = spread_input((2, 4, 5, 5), torch.float32, seed=10)
     with torch.no_grad():

@@ -24,14 +24,6 @@ def kernel_built():
     assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    kernel = cpu_kernels.switch_norm
-    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *args: calls.append(args) or kernel(*args))
-    return calls
-
-
 def _general(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's general path on x: the same eval forward with gradients on (which the short path leaves alone)."""
     with torch.enable_grad():

@@ -219,9 +219,9 @@ def _watch_kernel_layer(monkeypatch) -> list:
     calls = []
     whole_layer = cpu_kernels.switch_norm
 
-    def spy(x, *args):
+    def spy(x, *args, **kwargs):
         calls.append((tuple(x.shape), x.dtype))
-        return whole_layer(x, *args)
+        return whole_layer(x, *args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "switch_norm", spy)
     return calls

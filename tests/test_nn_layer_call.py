@@ -107,7 +107,7 @@ def test_importance_weights_carry_gradients_whenever_they_are_needed():
 
 def test_the_reference_implementation_still_runs_when_chosen(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *a: calls.append(1))
+    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda *a, **kw: calls.append(1))
     layer = randomise(SwitchNorm2d(4), seed=2, buffers=True).eval()
     with use_implementation("reference"), torch.no_grad():
         layer(spread_input((2, 4, 3, 3), torch.float32, seed=6))

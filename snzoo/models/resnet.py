@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from snzoo.models.classifier import PooledClassifier
 from snzoo.models.norms import NormFactory
 from snzoo.models.registry import register_architecture
+from snzoo.nn import norm_relu
 
 LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
@@ -44,9 +45,8 @@ class BasicBlockV1(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.sn1(self.conv1(x)))
-        out = self.sn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        out = norm_relu(self.sn1, self.relu, self.conv1(x))
+        return norm_relu(self.sn2, self.relu, self.conv2(out), shortcut)
 
 
 class BottleneckV1(nn.Module):
@@ -68,10 +68,9 @@ class BottleneckV1(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.sn1(self.conv1(x)))
-        out = self.relu(self.sn2(self.conv2(out)))
-        out = self.sn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        out = norm_relu(self.sn1, self.relu, self.conv1(x))
+        out = norm_relu(self.sn2, self.relu, self.conv2(out))
+        return norm_relu(self.sn3, self.relu, self.conv3(out), shortcut)
 
 
 class BasicBlockV2(nn.Module):
@@ -88,10 +87,10 @@ class BasicBlockV2(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        preact = self.relu(self.sn1(x))
+        preact = norm_relu(self.sn1, self.relu, x)
         shortcut = x if self.downsample is None else self.downsample(preact)
         out = self.conv1(preact)
-        out = self.conv2(self.relu(self.sn2(out)))
+        out = self.conv2(norm_relu(self.sn2, self.relu, out))
         return out + shortcut
 
 
@@ -111,11 +110,11 @@ class BottleneckV2(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        preact = self.relu(self.sn1(x))
+        preact = norm_relu(self.sn1, self.relu, x)
         shortcut = x if self.downsample is None else self.downsample(preact)
         out = self.conv1(preact)
-        out = self.conv2(self.relu(self.sn2(out)))
-        out = self.conv3(self.relu(self.sn3(out)))
+        out = self.conv2(norm_relu(self.sn2, self.relu, out))
+        out = self.conv3(norm_relu(self.sn3, self.relu, out))
         return out + shortcut
 
 
@@ -214,10 +213,10 @@ class ResNet(PooledClassifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, (N, num_features, H/s, W/s) for output stride s (32 by default)."""
-        x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
+        x = self.maxpool(norm_relu(self.sn1, self.relu, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.version == 2:
-            x = self.relu(self.sn_out(x))
+            x = norm_relu(self.sn_out, self.relu, x)
         return x
 
 

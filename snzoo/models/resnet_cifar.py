@@ -16,6 +16,7 @@ from snzoo.models.classifier import PooledClassifier
 from snzoo.models.norms import NormFactory
 from snzoo.models.registry import register_architecture
 from snzoo.models.resnet import BasicBlockV1, conv1x1, conv3x3
+from snzoo.nn import norm_relu
 
 DEPTHS = (20, 32, 56)
 WIDTHS = (16, 32, 64)
@@ -76,7 +77,7 @@ class ResNetCifar(PooledClassifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, (N, 64, H/4, W/4) rounded up."""
-        x = self.relu(self.sn1(self.conv1(x)))
+        x = norm_relu(self.sn1, self.relu, self.conv1(x))
         return self.layer3(self.layer2(self.layer1(x)))
 
 

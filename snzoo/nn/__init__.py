@@ -12,7 +12,7 @@ from snzoo.nn.freeze import (
     set_norm_eval,
 )
 from snzoo.nn.importance import importance_weights
-from snzoo.nn.norm_act import SwitchNormAct2d
+from snzoo.nn.norm_act import SwitchNormAct2d, norm_relu
 from snzoo.nn.sparse_switchnorm import SparseSwitchNorm2d
 from snzoo.nn.sparsestmax import sparsemax, sparsestmax
 from snzoo.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm2d
@@ -42,6 +42,7 @@ __all__ = [
     "drop_bn_branch",
     "importance_weights",
     "SwitchNormAct2d",
+    "norm_relu",
     "convert_to_switchnorm",
     "PRESERVE_SHARE",
     "freeze_switchnorm",

@@ -276,16 +276,18 @@ def term_slots(terms: Sequence[str]) -> list[int]:
 def switch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean_probs: Tensor, var_probs: Tensor,
                 slots: Sequence[int], group: int, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 training: bool, momentum: float, using_moving_average: bool, eps: float,
-                logits: bool = False) -> Tensor:
+                logits: bool = False, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
     """A whole SN layer on CPU x (N, C, *) that `fits`, in one operator call per direction (autograd included):
     the statistics, the mixing, the output and, in training with a BN term, the running buffers' update (in place).
     slots: `term_slots(terms)`; group: the samples of one BN statistics group (a ghost batch, else N). In eval a BN
     term takes the running buffers. logits: mean_probs and var_probs are the raw importance weights, whose softmax
     the operator takes (torch's, the same values as the layer's `importance_weights()`) and whose gradients its
-    backward returns: two softmax calls and their backward nodes fewer per layer and step. Call `available()`
-    first."""
+    backward returns: two softmax calls and their backward nodes fewer per layer and step. residual (x's shape,
+    strides and dtype) and relu: the output is relu(layer(x) + residual), added and clamped in the output pass (the
+    values of the separate operations, each a pass over memory fewer). Call `available()` first."""
     return torch.ops.snzoo.switch_norm.default(x, weight, bias, mean_probs, var_probs, slots, group, running_mean,
-                                               running_var, training, momentum, using_moving_average, eps, logits)
+                                               running_var, training, momentum, using_moving_average, eps, logits,
+                                               relu, residual)
 
 
 def fits(x: Tensor) -> bool:

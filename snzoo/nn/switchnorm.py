@@ -185,7 +185,19 @@ class _SwitchNorm(nn.Module):
             process_group=group,
         )
 
-    def _whole_layer(self, x: Tensor) -> Tensor:
+    def _relu_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[Tensor]:
+        """relu(self(x) + residual) as one operator call of the CPU kernel, which adds and clamps in its output pass,
+        where the layer's call is one operator call; else None (then the separate operations). A residual must have
+        x's shape, strides and dtype."""
+        if not (self.training or torch.is_grad_enabled()):
+            return kernel_eval(self, x, relu=True, residual=residual)
+        if x.dim() not in self.input_dims or x.shape[0] == 0 or x.shape[1] != self.num_features:
+            return None
+        if self._sync_group() is None and F_sn.takes_whole_layer(x):
+            return self._whole_layer(x, relu=True, residual=residual)
+        return None
+
+    def _whole_layer(self, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
         """The layer as one operator of the CPU kernel (the running buffers are read as C values, any shape)."""
         if self.softmax_importance:  # the raw weights: the operator takes their softmax and returns their gradient
             mean_probs, var_probs, logits = self._tensor("mean_weight"), self._tensor("var_weight"), True
@@ -200,7 +212,7 @@ class _SwitchNorm(nn.Module):
         return cpu_kernels.switch_norm(
             x, self._tensor("weight"), self._tensor("bias"), mean_probs, var_probs, cpu_kernels.term_slots(self.terms),
             bn_group, running_mean, running_var, self.training, self.momentum, self.using_moving_average, self.eps,
-            logits,
+            logits, relu=relu, residual=residual,
         )
 
     def extra_repr(self) -> str:

@@ -181,26 +181,40 @@ struct NlcTasks {
   }
 };
 
-// out = (x - m) * b + c, plus g * a when kWithGrad, with per-(n, c) coefficients, in x's layout. The coefficients of
-// a row are hoisted into registers (NCL) and every pointer is restrict, so that the inner loops vectorise.
-template <typename T, bool kWithGrad>
+// The output epilogue of the forward: with kResidual, a residual r is added to the value rounded to T (and the sum
+// rounded again: what `y + r` on the layer's output computes); with kRelu, negative values become 0 (NaN stays NaN,
+// as torch's relu); then the rounding to T. The values are those of the separate operations, bit for bit.
+template <typename T, bool kRelu, bool kResidual>
+inline typename Compute<T>::type epilogue(typename Compute<T>::type value, const T* __restrict r, int64_t i) {
+  using A = typename Compute<T>::type;
+  if (kResidual) value = load(store<T>(value)) + load(r[i]);
+  if (kRelu) value = value < A(0) ? A(0) : value;
+  return value;
+}
+
+// out = (x - m) * b + c, plus g * a when kWithGrad, with per-(n, c) coefficients, in x's layout, through `epilogue`.
+// The coefficients of a row are hoisted into registers (NCL) and every pointer is restrict, so that the inner loops
+// vectorise.
+template <typename T, bool kWithGrad, bool kRelu = false, bool kResidual = false>
 void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out, const View& v,
                  const typename Compute<T>::type* __restrict m, const typename Compute<T>::type* __restrict a,
-                 const typename Compute<T>::type* __restrict b, const typename Compute<T>::type* __restrict c) {
+                 const typename Compute<T>::type* __restrict b, const typename Compute<T>::type* __restrict c,
+                 const T* __restrict r = nullptr) {
   using A = typename Compute<T>::type;
   if (!v.nlc) {
     at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kTaskValues / v.l), [&](int64_t begin, int64_t end) {
       auto rows = [&]() SNZOO_INLINE_BODY {
-        for (int64_t r = begin; r < end; ++r) {
-          const A mr = m[r], ar = kWithGrad ? a[r] : A(0), br = b[r], cr = c[r];
-          const T* __restrict xr = x + r * v.l;
-          const T* __restrict gr = kWithGrad ? g + r * v.l : nullptr;
-          T* __restrict yr = out + r * v.l;
+        for (int64_t row = begin; row < end; ++row) {
+          const A mr = m[row], ar = kWithGrad ? a[row] : A(0), br = b[row], cr = c[row];
+          const T* __restrict xr = x + row * v.l;
+          const T* __restrict gr = kWithGrad ? g + row * v.l : nullptr;
+          const T* __restrict rr = kResidual ? r + row * v.l : nullptr;
+          T* __restrict yr = out + row * v.l;
 #pragma omp simd
           for (int64_t l = 0; l < v.l; ++l) {
             A value = (load(xr[l]) - mr) * br + cr;
             if (kWithGrad) value += load(gr[l]) * ar;
-            yr[l] = store<T>(value);
+            yr[l] = store<T>(epilogue<T, kRelu, kResidual>(value, rr, l));
           }
         }
       };
@@ -234,24 +248,26 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
           for (; row + per <= stop; row += per) {
             const T* __restrict xr = x + row * v.c;
             const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+            const T* __restrict rr = kResidual ? r + row * v.c : nullptr;
             T* __restrict yr = out + row * v.c;
 #pragma omp simd
             for (int64_t i = 0; i < width; ++i) {
               A value = (load(xr[i]) - rm[i]) * rb[i] + rc[i];
               if (kWithGrad) value += load(gr[i]) * ra[i];
-              yr[i] = store<T>(value);
+              yr[i] = store<T>(epilogue<T, kRelu, kResidual>(value, rr, i));
             }
           }
         }
         for (; row < stop; ++row) {
           const T* __restrict xr = x + row * v.c;
           const T* __restrict gr = kWithGrad ? g + row * v.c : nullptr;
+          const T* __restrict rr = kResidual ? r + row * v.c : nullptr;
           T* __restrict yr = out + row * v.c;
 #pragma omp simd
           for (int64_t ch = 0; ch < v.c; ++ch) {
             A value = (load(xr[ch]) - mn[ch]) * bn[ch] + cn[ch];
             if (kWithGrad) value += load(gr[ch]) * an[ch];
-            yr[ch] = store<T>(value);
+            yr[ch] = store<T>(epilogue<T, kRelu, kResidual>(value, rr, ch));
           }
         }
       }
@@ -260,11 +276,23 @@ void affine_pass(const T* __restrict x, const T* __restrict g, T* __restrict out
   });
 }
 
-// y = (x - centre) * scale + shift per (n, c).
+// y = (x - centre) * scale + shift per (n, c); then + residual (where not null; in x's layout and dtype) and
+// max(., 0) with relu, as `epilogue`.
 template <typename T>
 void apply(const T* x, T* y, const View& v, const typename Compute<T>::type* centre,
-           const typename Compute<T>::type* scale, const typename Compute<T>::type* shift) {
-  affine_pass<T, false>(x, nullptr, y, v, centre, nullptr, scale, shift);
+           const typename Compute<T>::type* scale, const typename Compute<T>::type* shift, bool relu = false,
+           const T* residual = nullptr) {
+  if (residual != nullptr) {
+    if (relu) {
+      affine_pass<T, false, true, true>(x, nullptr, y, v, centre, nullptr, scale, shift, residual);
+    } else {
+      affine_pass<T, false, false, true>(x, nullptr, y, v, centre, nullptr, scale, shift, residual);
+    }
+  } else if (relu) {
+    affine_pass<T, false, true>(x, nullptr, y, v, centre, nullptr, scale, shift);
+  } else {
+    affine_pass<T, false>(x, nullptr, y, v, centre, nullptr, scale, shift);
+  }
 }
 
 

@@ -4,8 +4,10 @@
 //
 // One operator per layer and direction, with autograd:
 // - switch_norm(x, weight, bias, mean_probs, var_probs, terms, group, running_mean?, running_var?, training, momentum,
-//   moving_average, eps, logits=False) -> y: a whole SN layer. terms gives the statistic of each probability (0 IN, 1
-//   LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer takes (and
+//   moving_average, eps, logits=False, relu=False, residual=None) -> y: a whole SN layer, plus residual (x's shape,
+//   strides and dtype) where given, then relu where asked, in its output pass (the values of the separate operations;
+//   the backward masks the gradient by the output, as relu's own). terms gives the statistic of each probability (0
+//   IN, 1 LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer takes (and
 //   whose gradients the backward returns); group is the number of samples of a BN statistics group (a ghost batch; N
 //   without). In training with a BN term the running buffers are updated here; in eval the BN term is the running
 //   buffers. Its backward is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule,
@@ -101,8 +103,10 @@ at::Tensor sn_grad_input(const at::Tensor& g, const at::Tensor& x, const at::Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs, const Tensor& var_probs,
     at::IntArrayRef terms, int64_t group, const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    bool training, double momentum, bool moving_average, double eps, bool logits) {
+    bool training, double momentum, bool moving_average, double eps, bool logits, bool relu,
+    const optional<Tensor>& residual) {
   const View v = view_of(x, "switch_norm");
+  if (residual.has_value()) same_layout(*residual, x, "switch_norm", "residual");
   const Mixing m(v, weight, mean_probs, var_probs, terms, group, running_mean, running_var, training, logits);
   const std::vector<double> b = doubles(bias, v.c, "bias");
   const auto f64 = x.options().dtype(at::kDouble);
@@ -113,6 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
     using A = typename Compute<scalar_t>::type;
     centre = at::empty({v.n, v.c}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     double* mp = mean.data_ptr<double>();
     double* vp = var.data_ptr<double>();
@@ -133,7 +138,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
         moments<scalar_t>(xp + offset, one, cp + r0, mp + r0, vp + r0);
         fill_statistics(sample_mixing, mp + r0, vp + r0, own);
         scale_and_shift<A>(sample_mixing, own, b, 0, 1, eps, cp + r0, scale.data() + r0, shift.data() + r0);
-        apply<scalar_t>(xp + offset, yp + offset, one, cp + r0, scale.data() + r0, shift.data() + r0);
+        apply<scalar_t>(xp + offset, yp + offset, one, cp + r0, scale.data() + r0, shift.data() + r0, relu,
+                        rp != nullptr ? rp + offset : nullptr);
       };
       if (large) {
         Statistics own;
@@ -148,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> switch_norm_forward(
       moments<scalar_t>(xp, v, cp, mp, vp);
       s = statistics(m, mp, vp);
       scale_and_shift<A>(m, s, b, 0, v.n, eps, cp, scale.data(), shift.data());
-      apply<scalar_t>(xp, yp, v, cp, scale.data(), shift.data());
+      apply<scalar_t>(xp, yp, v, cp, scale.data(), shift.data(), relu, rp);
     }
   });
   if (training && m.has_bn && running_mean.has_value() && running_var.has_value()) {
@@ -285,24 +291,29 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& mean_probs, const Tensor& var_probs, std::vector<int64_t> terms, int64_t group,
                         const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                        double momentum, bool moving_average, double eps, bool logits) {
+                        double momentum, bool moving_average, double eps, bool logits, bool relu,
+                        const optional<Tensor>& residual) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("snzoo::switch_norm_forward", "")
                          .typed<decltype(switch_norm_forward)>();
     auto [y, mean_in, var_in, centre] = op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
-                                                running_var, training, momentum, moving_average, eps, logits);
+                                                running_var, training, momentum, moving_average, eps, logits, relu,
+                                                residual);
     // In eval the BN term reads the running buffers: the backward keeps its own copy (the buffers may change
     // before it runs).
     const bool eval_bn = !training && running_mean.has_value() && running_var.has_value();
     const Tensor rm = eval_bn ? running_mean->detach().clone() : Tensor();
     const Tensor rv = eval_bn ? running_var->detach().clone() : Tensor();
-    ctx->save_for_backward({x, weight, bias, mean_probs, var_probs, mean_in, var_in, centre, rm, rv});
+    // with relu, the output says where the gradient passes (as relu's own backward reads it)
+    ctx->save_for_backward({x, weight, bias, mean_probs, var_probs, mean_in, var_in, centre, rm, rv,
+                            relu ? y : Tensor()});
     ctx->saved_data["terms"] = terms;
     ctx->saved_data["group"] = group;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["logits"] = logits;
+    ctx->saved_data["residual"] = residual.has_value();
     return y;
   }
 
@@ -316,40 +327,47 @@ class SwitchNormFunction : public torch::autograd::Function<SwitchNormFunction> 
     const optional<Tensor> rv = saved[9].defined() ? optional<Tensor>(saved[9]) : c10::nullopt;
     const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
                                    ctx->needs_input_grad(3) || ctx->needs_input_grad(4)};
+    const Tensor grad_y = saved[10].defined() ? at::threshold_backward(grad_outputs[0], saved[10], 0) : grad_outputs[0];
+    // y = relu(layer(x) + residual): the residual's gradient is the (masked) gradient of y (no copy: the same tensor)
+    const Tensor grad_residual = ctx->saved_data["residual"].toBool() ? grad_y : Tensor();
     auto [dx, dweight, dbias, dpm, dpv] = op.call(
-        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], terms, ctx->saved_data["group"].toInt(), rm,
+        grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], terms, ctx->saved_data["group"].toInt(), rm,
         rv, ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), saved[5], saved[6], saved[7], mask,
         ctx->saved_data["logits"].toBool());
     return {dx, dweight, dbias, dpm, dpv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), grad_residual};
   }
 };
 
 Tensor switch_norm_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
                             const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                            double momentum, bool moving_average, double eps, bool logits) {
+                            double momentum, bool moving_average, double eps, bool logits, bool relu,
+                            const optional<Tensor>& residual) {
   const bool records = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() ||
                                                       bias.requires_grad() || mean_probs.requires_grad() ||
-                                                      var_probs.requires_grad());
+                                                      var_probs.requires_grad() ||
+                                                      (residual.has_value() && residual->requires_grad()));
   if (!records) {  // nothing to save for a backward (eval, torch.no_grad): the forward alone
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("snzoo::switch_norm_forward", "")
                          .typed<decltype(switch_norm_forward)>();
     return std::get<0>(op.call(x, weight, bias, mean_probs, var_probs, terms, group, running_mean, running_var,
-                               training, momentum, moving_average, eps, logits));
+                               training, momentum, moving_average, eps, logits, relu, residual));
   }
   return SwitchNormFunction::apply(x, weight, bias, mean_probs, var_probs, terms.vec(), group, running_mean,
-                                   running_var, training, momentum, moving_average, eps, logits);
+                                   running_var, training, momentum, moving_average, eps, logits, relu, residual);
 }
 
 Tensor switch_norm_plain(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean_probs,
                          const Tensor& var_probs, at::IntArrayRef terms, int64_t group,
                          const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-                         double momentum, bool moving_average, double eps, bool logits) {
+                         double momentum, bool moving_average, double eps, bool logits, bool relu,
+                         const optional<Tensor>& residual) {
   return std::get<0>(switch_norm_forward(x, weight, bias, mean_probs, var_probs, terms, group, running_mean,
-                                         running_var, training, momentum, moving_average, eps, logits));
+                                         running_var, training, momentum, moving_average, eps, logits, relu,
+                                         residual));
 }
 
 }  // namespace
@@ -358,7 +376,7 @@ TORCH_LIBRARY(snzoo, m) {
 #define SNZOO_LAYER_ARGS                                                                                         \
   "Tensor x, Tensor weight, Tensor bias, Tensor mean_probs, Tensor var_probs, int[] terms, int group, "         \
   "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, bool moving_average, "     \
-  "float eps, bool logits=False"
+  "float eps, bool logits=False, bool relu=False, Tensor? residual=None"
   m.def("switch_norm(" SNZOO_LAYER_ARGS ") -> Tensor");
   m.def("switch_norm_forward(" SNZOO_LAYER_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
 #undef SNZOO_LAYER_ARGS
