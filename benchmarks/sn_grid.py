@@ -4,9 +4,13 @@ Cells: ResNet-50 v1 at batch 1, 8 and 32 (224x224), resnet20 (Fashion-MNIST, 1x2
 ResNet-101 v2 and resnet50v1_ssn (Sparse SN, against ResNet-50's BN) at batch 8; each in eval (one forward without
 gradients) and train (forward, backward, SGD step), float32 and bfloat16 autocast, NCHW and channels_last. The SN
 and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating; a round of a small
-model averages as many calls as take about 0.1 s); the ratio of the fastest rounds ("best": load only ever adds
+model averages as many calls as take about 0.1 s; each model's cells run in a fresh process); the ratio of the fastest rounds ("best": load only ever adds
 time) and of the medians are reported, and per model the peak training memory (a fresh process per model,
 precision; NCHW) as SN / BN.
+
+The models are the zoo's as users run them: the SN ResNets take each ReLU after a norm layer, and the residual sum
+before a block's last ReLU, into the SN operator (`snzoo.nn.norm_relu`); the BN models run them as separate
+operations, as torchvision's ResNets do. `sn_layers.py` times single layers with and without that epilogue.
 
     .venv/bin/python benchmarks/sn_speed.py --grid [--rounds 5] [--device cuda] [--compile] [--no-memory]
         [--cells resnet20] [--csv results/sn_grid_cpu.csv]
@@ -29,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -148,6 +153,39 @@ def time_cell(model: Model, precision: str, layout: str, rounds: int, warmup: in
     return rows
 
 
+def _model_spec(model: Model) -> dict:
+    return {"model": MODELS.index(model) if model in MODELS else -1,
+            "gpu_model": GPU_MODELS.index(model) if model in GPU_MODELS else -1}
+
+
+def _model_of(spec: dict) -> Model:
+    return MODELS[spec["model"]] if spec["model"] >= 0 else GPU_MODELS[spec["gpu_model"]]
+
+
+def time_model(model: Model, args: argparse.Namespace) -> Iterator[dict]:
+    """The rows of one model (every precision and layout), timed in a fresh process: what one model's runs leave in
+    the process (a heap grown to ResNet-50's activations at batch 32, the allocator's and oneDNN's caches) must not
+    weigh on the next model's, whose users would not have run those first. The two models of a cell still share one
+    process and take turns."""
+    spec = dict(_model_spec(model), rounds=args.rounds, warmup=args.warmup, device=args.device, compile=args.compile)
+    command = [sys.executable, str(Path(__file__).resolve().parent / "sn_speed.py"), "--threads",
+               str(torch.get_num_threads()), "--grid-row-probe", json.dumps(spec)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            yield json.loads(line)
+    if child.returncode != 0:
+        raise RuntimeError(f"timing {model.label} failed (exit {child.returncode})")
+
+
+def run_row_probe(spec: str) -> None:
+    """The body of the fresh process `time_model` starts: one JSON line per row."""
+    args = json.loads(spec)
+    for precision, layout in SETTINGS:
+        for row in time_cell(_model_of(args), precision, layout, args["rounds"], args["warmup"],
+                             torch.device(args["device"]), args["compile"]):
+            print(json.dumps(row), flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -176,9 +214,7 @@ def memory_probe(name: str, model: Model, precision: str, device: torch.device) 
 def measure_memory(name: str, model: Model, precision: str, device: str) -> int:
     """`memory_probe` in a fresh process (glibc's mmap threshold pinned, so that freed tensors leave the RSS)."""
     command = [sys.executable, str(Path(__file__).resolve().parent / "sn_speed.py"), "--grid-memory-probe",
-               json.dumps({"name": name, "model": MODELS.index(model) if model in MODELS else -1,
-                           "gpu_model": GPU_MODELS.index(model) if model in GPU_MODELS else -1,
-                           "precision": precision, "device": device})]
+               json.dumps(dict(_model_spec(model), name=name, precision=precision, device=device))]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -189,8 +225,7 @@ def measure_memory(name: str, model: Model, precision: str, device: str) -> int:
 def run_memory_probe(spec: str) -> None:
     """The body of the fresh process `measure_memory` starts: prints the bytes."""
     args = json.loads(spec)
-    model = MODELS[args["model"]] if args["model"] >= 0 else GPU_MODELS[args["gpu_model"]]
-    print(memory_probe(args["name"], model, args["precision"], torch.device(args["device"])))
+    print(memory_probe(args["name"], _model_of(args), args["precision"], torch.device(args["device"])))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -253,6 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="time with glibc's default malloc settings (--grid on the CPU)")
     parser.add_argument("--grid-memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--grid-row-probe", help=argparse.SUPPRESS)
 
 
 # The timing process keeps freed memory in glibc's heap: every fresh big tensor would otherwise be new pages from the
@@ -282,12 +318,12 @@ def main(args: argparse.Namespace) -> None:
           f"{allocator}")
     rows = []
     for model in models:
-        for precision, layout in SETTINGS:
-            for row in time_cell(model, precision, layout, args.rounds, args.warmup, device, args.compile):
-                rows.append(row)
-                print(f"{row['model']:<24}{precision:>9} {layout:<14}{row['mode']:<6}"
-                      f"BN {row['bn_ms_best']:9.1f} ms  SN {row['sn_ms_best']:9.1f} ms  "
-                      f"{row['ratio_best']:.3f} (median {row['ratio_median']:.3f})", flush=True)
+        for row in time_model(model, args):
+            rows.append(row)
+            precision, layout = row["precision"], row["layout"]
+            print(f"{row['model']:<24}{precision:>9} {layout:<14}{row['mode']:<6}"
+                  f"BN {row['bn_ms_best']:9.1f} ms  SN {row['sn_ms_best']:9.1f} ms  "
+                  f"{row['ratio_best']:.3f} (median {row['ratio_median']:.3f})", flush=True)
     memory = []
     if not args.no_memory:
         for model in models:

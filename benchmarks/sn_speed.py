@@ -301,6 +301,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.grid_memory_probe:
         sn_grid.run_memory_probe(args.grid_memory_probe)
         return
+    if args.grid_row_probe:
+        sn_grid.run_row_probe(args.grid_row_probe)
+        return
     if args.grid:
         sn_grid.main(args)
         return
