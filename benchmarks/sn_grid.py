@@ -4,9 +4,9 @@ Cells: ResNet-50 v1 at batch 1, 8 and 32 (224x224), resnet20 (Fashion-MNIST, 1x2
 ResNet-101 v2 and resnet50v1_ssn (Sparse SN, against ResNet-50's BN) at batch 8; each in eval (one forward without
 gradients) and train (forward, backward, SGD step), float32 and bfloat16 autocast, NCHW and channels_last. The SN
 and the BN model of a cell take turns (interleaved rounds after warm-up, the order alternating; a round of a small
-model averages as many calls as take about 0.1 s; each model's cells run in a fresh process); the ratio of the fastest rounds ("best": load only ever adds
-time) and of the medians are reported, and per model the peak training memory (a fresh process per model,
-precision; NCHW) as SN / BN.
+model averages as many calls as take about 0.1 s; each model's cells run in a fresh process); the ratio of the
+fastest rounds ("best": load only ever adds time) and of the medians are reported, and per model the peak training
+memory (a fresh process per model, precision; NCHW) as SN / BN.
 
 The models are the zoo's as users run them: the SN ResNets take each ReLU after a norm layer, and the residual sum
 before a block's last ReLU, into the SN operator (`snzoo.nn.norm_relu`); the BN models run them as separate

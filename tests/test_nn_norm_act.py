@@ -113,7 +113,8 @@ def test_gradcheck_of_the_operator_with_relu_and_residual(training, channels_las
     weight = torch.randn(1, 4, 1, 1, generator=g, dtype=torch.float64) + 1
     bias = torch.randn(1, 4, 1, 1, generator=g, dtype=torch.float64)
     raw = [torch.randn(3, generator=g, dtype=torch.float64) for _ in range(2)]
-    rm, rv = torch.randn(1, 4, 1, generator=g, dtype=torch.float64), torch.rand(1, 4, 1, generator=g, dtype=torch.float64) + 0.5
+    rm = torch.randn(1, 4, 1, generator=g, dtype=torch.float64)
+    rv = torch.rand(1, 4, 1, generator=g, dtype=torch.float64) + 0.5
     inputs = [t.requires_grad_(True) for t in (x, weight, bias, *raw)] + [residual.requires_grad_(residual_grad)]
 
     def layer(x, weight, bias, mean_raw, var_raw, residual):

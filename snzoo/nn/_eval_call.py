@@ -68,10 +68,10 @@ _OPTIONAL = ("running_mean", "running_var")  # absent without a BN term
 
 
 def kernel_eval(layer, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Optional[Tensor]:
-    """layer(x) (relu(layer(x) + residual) with relu and a residual in x's layout and dtype) for an SN layer in eval mode with gradients off, as one call of the CPU
-    kernel's operator; None where that does not apply (another device, dtype or layout, an empty batch or single
-    values, the kernel or the fused implementation switched off, tracing, exporting or compiling): the layer's general
-    path runs then."""
+    """layer(x) for an SN layer in eval mode with gradients off, as one call of the CPU kernel's operator (with relu:
+    relu(layer(x) + residual), the residual in x's layout and dtype); None where that does not apply (another device,
+    dtype or layout, an empty batch or single values, the kernel or the fused implementation switched off, tracing,
+    exporting or compiling): the layer's general path runs then."""
     # first: under a tracer, even reading x's shape would enter the graph
     if fused._exporting() or torch.compiler.is_compiling():
         return None

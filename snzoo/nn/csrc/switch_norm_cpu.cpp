@@ -7,11 +7,12 @@
 //   moving_average, eps, logits=False, relu=False, residual=None) -> y: a whole SN layer, plus residual (x's shape,
 //   strides and dtype) where given, then relu where asked, in its output pass (the values of the separate operations;
 //   the backward masks the gradient by the output, as relu's own). terms gives the statistic of each probability (0
-//   IN, 1 LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer takes (and
-//   whose gradients the backward returns); group is the number of samples of a BN statistics group (a ghost batch; N
-//   without). In training with a BN term the running buffers are updated here; in eval the BN term is the running
-//   buffers. Its backward is switch_norm_backward; both directions do their (N, C) algebra (the mixing, its chain rule,
-//   the running update) here in float64, so that a layer costs one call each way whatever its batch and map size.
+//   IN, 1 LN, 2 BN); with logits, mean_probs and var_probs are the raw importance weights, whose softmax the layer
+//   takes (and whose gradients the backward returns); group is the number of samples of a BN statistics group (a
+//   ghost batch; N without). In training with a BN term the running buffers are updated here; in eval the BN term is
+//   the running buffers. Its backward is switch_norm_backward; both directions do their (N, C) algebra (the mixing,
+//   its chain rule, the running update) here in float64, so that a layer costs one call each way whatever its batch
+//   and map size.
 // - switch_norm_forward(...) -> (y, mean_in, var_in, centre) and switch_norm_backward(grad_y, x, ..., mean_in,
 //   var_in, centre, output_mask) -> (dx, dweight, dbias, dmean_probs, dvar_probs): the two directions.
 //
