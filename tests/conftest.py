@@ -33,6 +33,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def kernel_built():
+    """Fails the module's tests at once where the CPU kernel does not build (`pytestmark =
+    pytest.mark.usefixtures("kernel_built")`), rather than letting them pass on the PyTorch formulation."""
+    from snzoo.nn import cpu_kernels
+
+    assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The keyword arguments of every call of the CPU kernel's whole-layer operator (`cpu_kernels.switch_norm`) while

@@ -10,6 +10,8 @@ from snzoo.nn import SwitchNorm1d
 
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 TOL32 = dict(rtol=1e-4, atol=1e-4)
+# the CPU kernel's float32 statistics and output against float64 on the same values: a few units of float32 rounding
+TOL32_KERNEL = dict(rtol=2e-6, atol=2e-6)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

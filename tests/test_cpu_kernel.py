@@ -22,18 +22,13 @@ from snzoo_cli.main import cli
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
-    from .sn_testing import TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
+    from .sn_testing import TOL32_KERNEL, TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
 except ImportError:
     import reference_sn as ref
-    from sn_testing import TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
-
-# float32 statistics and output against float64: a few units of float32 rounding
-TOL32_KERNEL = dict(rtol=2e-6, atol=2e-6)
+    from sn_testing import TOL32_KERNEL, TOL64, fashion_mnist_batch, randomise, spread_input, terms_of, to_numpy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built():
-    assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
+pytestmark = pytest.mark.usefixtures("kernel_built")
 
 
 def _reference(layer, x: torch.Tensor) -> np.ndarray:

@@ -13,25 +13,20 @@ from snzoo.nn import SwitchNorm2d, cpu_kernels
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference_sn as ref
-    from .sn_testing import randomise, spread_input, terms_of, to_numpy
+    from .sn_testing import TOL32_KERNEL, randomise, spread_input, terms_of, to_numpy
 except ImportError:
     import reference_sn as ref
-    from sn_testing import randomise, spread_input, terms_of, to_numpy
-
-# float32 accumulation against float64 on the same values: a few units of float32 rounding
-TOL32 = dict(rtol=2e-6, atol=2e-6)
+    from sn_testing import TOL32_KERNEL, randomise, spread_input, terms_of, to_numpy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built():
-    assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
+pytestmark = pytest.mark.usefixtures("kernel_built")
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def _check_moments(x: torch.Tensor, rtol: float = TOL32["rtol"]) -> None:
+def _check_moments(x: torch.Tensor, rtol: float = TOL32_KERNEL["rtol"]) -> None:
     n, c = x.shape[0], x.shape[1]
     mean, var, centre = cpu_kernels.moments(x)
     var_ref, mean_ref = torch.var_mean(x.double().reshape(n, c, -1), dim=2, correction=1)
@@ -117,7 +112,7 @@ def test_narrow_channels_last_output_equals_float64(channels, dtype):
     assert y.dtype == dtype and y.stride() == x.stride()
     row = lambda t: t.double().reshape(3, channels, 1, 1)  # noqa: E731
     expected = (x.double() - row(centre)) * row(scale) + row(shift)
-    tol = TOL32 if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    tol = TOL32_KERNEL if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
     np.testing.assert_allclose(to_numpy(y), to_numpy(expected), **tol)
 
 

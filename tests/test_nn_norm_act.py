@@ -20,9 +20,7 @@ except ImportError:
     from sn_testing import fashion_mnist_batch, randomise, spread_input
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built():
-    assert cpu_kernels.available(), "the CPU kernel did not build (a C++ compiler and ninja are needed)"
+pytestmark = pytest.mark.usefixtures("kernel_built")
 
 
 LAYERS = {
