@@ -285,7 +285,8 @@ def test_a_training_layer_is_one_kernel_call_in_every_dtype_and_layout(dtype, la
     reference on the same values. With the kernel switched off it is not called."""
     calls: list[tuple] = []
     whole_layer = cpu_kernels.switch_norm
-    monkeypatch.setattr(cpu_kernels, "switch_norm", lambda x, *a, **kw: calls.append((x.dtype, x.stride())) or whole_layer(x, *a, **kw))
+    monkeypatch.setattr(cpu_kernels, "switch_norm",
+                        lambda x, *a, **kw: calls.append((x.dtype, x.stride())) or whole_layer(x, *a, **kw))
     base = randomise(SwitchNorm2d(6), seed=26, buffers=True).train()
     base.ghost_batch_size = ghost
     x_values = _op_input((6, 6, 5, 7), dtype, 27, layout)

@@ -149,8 +149,8 @@ const A* per_row(const at::Tensor& t, const View& v, const char* op, const char*
 }
 
 // (N, L, C) work in tasks of (sample, block of up to kChannelBlock channels, segment of rows), about kTaskValues
-// values each, so that there are tasks for every thread at batch 1 too; inside a task, rows go in groups of about kChunk values, summed in the
-// compute dtype (vectorised over the channels) and then accumulated in float64.
+// values each, so that there are tasks for every thread at batch 1 too; inside a task, rows go in groups of about
+// kChunk values, summed in the compute dtype (vectorised over the channels) and then accumulated in float64.
 constexpr int64_t kChannelBlock = 64;
 constexpr int64_t kFlatValues = 128;  // narrow channels-innermost rows are handled this many values at a time
 constexpr int64_t kGroupRows = 256;
